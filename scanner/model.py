@@ -1,0 +1,71 @@
+"""The detector: global branch, patch selection, local branch, AFFM, one logit (DESIGN.md section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from scanner.backbones import build_backbone
+from scanner.config import ModelConfig
+from scanner.crop_resize import crop_resize
+from scanner.fusion import AFFM
+from scanner.patches import PatchSelector
+from scanner.preprocess import global_views, image_sizes
+
+
+@dataclass
+class DetectorOutput:
+    logits: torch.Tensor  # (B,)
+    boxes: torch.Tensor  # (B, K, 4) int64 [x0, y0, x1, y1] in original pixels
+    fmap: torch.Tensor | None = None  # (B, C, 7, 7) global feature map
+    attention: list | None = None  # per AFFM layer, (B, K+1, K+1) or None
+
+
+class Detector(nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg)
+        self.local_backbone = self.backbone if cfg.shared_trunk else build_backbone(cfg)
+        channels = self.backbone.channels
+        self.embed = nn.Sequential(nn.Linear(channels, cfg.embed_dim), nn.ReLU())
+        self.fusion = AFFM(cfg.embed_dim, cfg.fusion_heads, cfg.fusion_layers, cfg.fusion_dropout)
+        self.head = nn.Linear(cfg.embed_dim, 1)
+        self.selector = PatchSelector(cfg, seed)
+        self.channels_last = False
+
+    def to_channels_last(self) -> "Detector":
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
+
+    def _trunk(self, trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return trunk(x)
+
+    def global_branch(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """views: (B, 3, 224, 224) in [0, 1] -> fmap (B, C, 7, 7), g (B, D)."""
+        fmap = self._trunk(self.backbone, views)
+        g = self.embed(fmap.mean(dim=(2, 3)))
+        return fmap, g
+
+    def local_fusion(self, patches: torch.Tensor, g: torch.Tensor, need_weights: bool = False):
+        """patches: (B, K, 3, 224, 224) in [0, 1], g: (B, D) -> logits (B,), attention weights."""
+        b, k = patches.shape[:2]
+        fmap = self._trunk(self.local_backbone, patches.flatten(0, 1))  # (B*K, C, 7, 7)
+        local = self.embed(fmap.mean(dim=(2, 3))).view(b, k, -1)  # (B, K, D)
+        tokens = torch.cat([local, g[:, None, :]], dim=1)  # (B, K+1, D), global token last
+        fused, weights = self.fusion(tokens, need_weights)
+        return self.head(fused).squeeze(-1), weights
+
+    def forward(self, images: list[torch.Tensor], need_weights: bool = False) -> DetectorOutput:
+        """images: list of uint8 (3, H_i, W_i) full-resolution images."""
+        views = global_views(images, self.cfg.input_size).to(self.head.weight.device)
+        fmap, g = self.global_branch(views)
+        boxes = self.selector(fmap.detach(), image_sizes(images))  # no gradient through selection
+        patches = crop_resize(images, boxes.to(images[0].device), self.cfg.input_size).div_(255)
+        logits, weights = self.local_fusion(patches.to(g.device), g, need_weights)
+        return DetectorOutput(logits=logits, boxes=boxes.cpu(), fmap=fmap, attention=weights if need_weights else None)
