@@ -116,7 +116,18 @@ def _load_state_dict(path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _tiny(cfg: ModelConfig) -> Backbone:
+    """A few-thousand-parameter CNN with the same 32x downsampling: for tests, never for detection."""
+    layers, channels = [], 3
+    for out_channels in (8, 16, 16, 32, 32):
+        layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU()]
+        channels = out_channels
+    return Backbone(nn.Sequential(*layers), channels, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 def build_backbone(cfg: ModelConfig) -> Backbone:
+    if cfg.backbone == "tiny":
+        return _tiny(cfg)
     if cfg.backbone == "resnet50":
         return _resnet50(cfg)
     if cfg.backbone == "efficientnet_lite0":

@@ -10,7 +10,7 @@ from typing import Any
 
 from scanner.errors import ScannerError
 
-BACKBONES = ("resnet50", "efficientnet_lite0")
+BACKBONES = ("resnet50", "efficientnet_lite0", "tiny")  # tiny: tests only
 PATCH_STRATEGIES = ("psm", "random", "five_crop")
 
 

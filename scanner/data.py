@@ -1,0 +1,159 @@
+"""Labelled image folders in the CNNDetection layout, and the training augmentation.
+
+Layout: <root>/<source>/0_real/*, <root>/<source>/1_fake/* (or <root>/0_real, <root>/1_fake, whose
+source is the root's name). An optional <root>/MANIFEST.csv maps sources to generator and family.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFilter
+
+from scanner.decode import decode_image
+from scanner.errors import ScannerError
+
+LABEL_DIRS = {"0_real": 0, "1_fake": 1}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 real, 1 synthetic
+    source: str
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def find_samples(root: str | Path) -> list[Sample]:
+    root = Path(root)
+    if not root.is_dir():
+        raise ScannerError(f"data folder {str(root)!r} does not exist; expected <root>/<source>/0_real|1_fake/")
+    samples = []
+    sources = [root] if any((root / d).is_dir() for d in LABEL_DIRS) else sorted(p for p in root.iterdir() if p.is_dir())
+    for src in sources:
+        for dirname, label in LABEL_DIRS.items():
+            if (src / dirname).is_dir():
+                samples += [Sample(p, label, src.name) for p in _images_under(src / dirname)]
+    if not samples:
+        raise ScannerError(f"no images found under {str(root)!r}; expected <root>/<source>/0_real|1_fake/ folders")
+    return samples
+
+
+def read_manifest(root: str | Path) -> dict[str, dict[str, str]]:
+    """source -> {"generator": ..., "family": ...}; empty when there is no MANIFEST.csv."""
+    path = Path(root) / "MANIFEST.csv"
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            out.setdefault(row["source"], {"generator": row.get("generator", ""), "family": row.get("family", "")})
+    return out
+
+
+def split_by_source(
+    samples: list[Sample], val_sources: tuple[str, ...], real_only_share: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Whole sources in `val_sources` go to validation. Real-only sources are split by a fixed share
+    (seeded), so fake-only validation sources have real images no training step has seen."""
+    known = {s.source for s in samples}
+    unknown = [v for v in val_sources if v not in known]
+    if unknown:
+        raise ScannerError(f"validation sources {unknown} not found; sources present: {sorted(known)}")
+    labels_of: dict[str, set[int]] = {}
+    for s in samples:
+        labels_of.setdefault(s.source, set()).add(s.label)
+    rng = random.Random(seed)
+    train, val = [], []
+    for source in sorted(labels_of):
+        group = [s for s in samples if s.source == source]
+        if source in val_sources:
+            val += group
+        elif labels_of[source] == {0} and real_only_share > 0:
+            group = sorted(group, key=lambda s: str(s.path))
+            rng.shuffle(group)
+            cut = int(round(len(group) * real_only_share))
+            val += group[:cut]
+            train += group[cut:]
+        else:
+            train += group
+    return train, val
+
+
+@dataclass
+class Augment:
+    """Paper: blur sigma ~ U[0, sigma_max] with p_blur, JPEG quality ~ U{q0..q1} with p_jpeg, h-flip."""
+
+    blur_prob: float = 0.1
+    blur_sigma_max: float = 3.0
+    jpeg_prob: float = 0.1
+    jpeg_quality: tuple[int, int] = (30, 100)
+    hflip: bool = True
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        if rng.random() < self.blur_prob:
+            img = gaussian_blur(img, rng.uniform(0, self.blur_sigma_max))
+        if rng.random() < self.jpeg_prob:
+            img = jpeg_compress(img, rng.randint(*self.jpeg_quality))
+        if self.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
+
+
+def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
+    return img.filter(ImageFilter.GaussianBlur(radius=sigma)) if sigma > 0 else img
+
+
+def jpeg_compress(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Yields (uint8 (3, H, W), label, index). `transform(PIL) -> PIL` is applied before tensor conversion."""
+
+    def __init__(self, samples: list[Sample], augment: Augment | None = None, transform=None, seed: int = 0):
+        self.samples = samples
+        self.augment = augment
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        sample = self.samples[i]
+        tensor = decode_image(sample.path.read_bytes())
+        if self.augment is not None or self.transform is not None:
+            img = Image.fromarray(tensor.permute(1, 2, 0).numpy())
+            if self.augment is not None:
+                img = self.augment(img, random.Random(hash((self.seed, self.epoch, i))))
+            if self.transform is not None:
+                img = self.transform(img)
+            tensor = pil_to_tensor(img)
+        return tensor, sample.label, i
+
+
+def collate(batch):
+    """Images stay a list (they may differ in size); labels become a float tensor."""
+    images = [b[0] for b in batch]
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.float32)
+    index = torch.tensor([b[2] for b in batch], dtype=torch.long)
+    return images, labels, index

@@ -1,0 +1,100 @@
+"""Detector weights as safetensors, with the model config and threshold in the file's metadata.
+
+The shipped default model lives in scanner/weights/default.safetensors. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scanner.config import ModelConfig, model_config_from_dict
+from scanner.errors import ScannerError
+
+FORMAT = "scanner-detector/1"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    name: str
+    sha256: str
+    threshold: float
+    config: ModelConfig
+    metadata: dict
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}@{self.sha256[:12]}"
+
+
+def _shareable_state(model) -> dict[str, torch.Tensor]:
+    # A shared trunk appears twice in state_dict(); safetensors refuses aliased tensors.
+    state = model.state_dict()
+    if model.cfg.shared_trunk:
+        state = {k: v for k, v in state.items() if not k.startswith("local_backbone.")}
+    return state
+
+
+def save_detector(model, path, *, name: str, threshold: float = 0.5, dtype=torch.float16, extra: dict | None = None):
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in _shareable_state(model).items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    cfg = dataclasses.replace(model.cfg, pretrained=False, backbone_weights=None)
+    meta = {
+        "format": FORMAT,
+        "name": name,
+        "threshold": repr(float(threshold)),
+        "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+    }
+    for key, value in (extra or {}).items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written weights file
+
+
+def read_info(path=None) -> ModelInfo:
+    from safetensors import safe_open
+
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    if not path.is_file():
+        raise ScannerError(f"model weights {str(path)!r} not found; pass --model with a .safetensors file from `scanner train`")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise ScannerError(f"{str(path)!r} is not a readable safetensors file ({exc}); pass detector weights") from None
+    if meta.get("format") != FORMAT:
+        raise ScannerError(f"{str(path)!r} is not scanner detector weights (format {meta.get('format')!r}, expected {FORMAT!r})")
+    cfg = model_config_from_dict(json.loads(meta["config"]))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ModelInfo(path, meta.get("name", path.stem), digest, float(meta.get("threshold", 0.5)), cfg, meta)
+
+
+def load_detector(path=None, device="cpu"):
+    """Build the detector described by the file and load its weights (float32). Returns (model, info)."""
+    from safetensors.torch import load_file
+
+    from scanner.model import Detector
+
+    info = read_info(path)
+    model = Detector(info.config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(info.path)).items()}
+    if info.config.shared_trunk:
+        state.update({"local_" + k: v for k, v in state.items() if k.startswith("backbone.")})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ScannerError(
+            f"{str(info.path)!r} does not match its own config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.to(device).eval(), info
