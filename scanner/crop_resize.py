@@ -44,7 +44,9 @@ def _crop_resize_chunk(images: list[torch.Tensor], boxes: torch.Tensor, size: in
     device = images[0].device
     channels = images[0].shape[0]
     b, k, _ = boxes.shape
-    flat = torch.cat([img.reshape(-1) for img in images]).float()  # (sum C*H*W,)
+    # Kept in the images' dtype: only the sampled pixels are converted (a float32 copy of every
+    # full-resolution image would be 4x the memory of uint8 input, for nothing).
+    flat = torch.cat([img.reshape(-1) for img in images])  # (sum C*H*W,)
     heights = torch.tensor([img.shape[1] for img in images], device=device)
     widths = torch.tensor([img.shape[2] for img in images], device=device)
     numel = channels * heights * widths
@@ -61,7 +63,7 @@ def _crop_resize_chunk(images: list[torch.Tensor], boxes: torch.Tensor, size: in
 
     def gather(ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         pix = ys[:, :, None] * width + xs[:, None, :]  # (N, S, S)
-        return flat[base + pix[:, None]]  # (N, C, S, S)
+        return flat[base + pix[:, None]].float()  # (N, C, S, S)
 
     fy = fy[:, None, :, None]  # (N, 1, S, 1)
     fx = fx[:, None, None, :]  # (N, 1, 1, S)

@@ -2,7 +2,7 @@
 
 Vectorised over the batch; the only loop is over the fixed number of greedy picks, which are
 sequential by definition. Tie rule: among equal window scores the first in row-major order wins
-(torch.argmax returns the first maximal index).
+(torch.argmax returns the first maximal index). Scores are computed in float64.
 
 Box convention everywhere: int64 [x0, y0, x1, y1], half-open, in original-image pixels.
 """
@@ -78,7 +78,9 @@ def psm_boxes(
 
     K = len(windows) * picks; boxes of the first window size come first, best pick first.
     """
-    amap = activation_map(fmap.float())  # (B, fm, fm)
+    # float64: in float32 the channel sum rounds (2**24 + 1 == 2**24) and near-tied windows can
+    # swap ranks depending on summation order; the picks must be a function of F alone.
+    amap = activation_map(fmap.double())  # (B, fm, fm) float64
     fm = amap.shape[-1]
     sizes = sizes.to(device=fmap.device, dtype=torch.long)
     out = []
