@@ -48,7 +48,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Ten
         raise
     except UnidentifiedImageError:
         raise DecodeError("not_image", "not a recognised image format") from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard: an error past 2x MAX_IMAGE_PIXELS, a warning (raised as an exception by
+        # the filter above) past 1x; both fire in Image.open, before our budget check can run.
         raise DecodeError("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated or corrupt data: Pillow reports it as OSError ("image file is truncated", ...).
