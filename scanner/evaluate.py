@@ -180,6 +180,7 @@ def evaluate(
     console=None,
     max_images_per_source: int | None = None,
     num_workers: int = 1,
+    samples: list[Sample] | None = None,
 ) -> dict:
     """Evaluate `model` (a Detector in eval mode, described by ModelInfo `info`) on `data_dir`.
 
@@ -195,7 +196,8 @@ def evaluate(
     if num_workers < 0:
         raise ScannerError(f"num_workers is {num_workers}; expected 0 or more")
 
-    samples = _subsample(find_samples(data_dir), max_images_per_source)
+    # `samples` restricts the evaluation to a subset of data_dir (e.g. a training run's held-out split).
+    samples = _subsample(find_samples(data_dir) if samples is None else samples, max_images_per_source)
     manifest = read_manifest(data_dir)
     labels = np.asarray([s.label for s in samples])
     groups = _source_groups(samples)
