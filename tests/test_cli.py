@@ -16,14 +16,6 @@ from scanner.model import Detector
 from scanner.weights import load_detector, read_info, save_detector
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny_cfg() -> ModelConfig:
     return ModelConfig(backbone="tiny", windows=(3,), patch_sizes=(224,), picks_per_window=1)
 

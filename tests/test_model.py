@@ -22,14 +22,6 @@ def _images(seed: int, shapes) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def psm_run():
     """One training-mode forward of a Lite0 detector on two images of different sizes."""

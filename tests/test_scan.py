@@ -44,16 +44,6 @@ def part_key(path: str):
     return Path(path).parts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are too small to share out, and on a busy CPU intra-op threads only wait
-    # on each other (measured 5x slower with 2 threads while training runs beside the tests).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     torch.manual_seed(0)
