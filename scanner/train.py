@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from scanner.config import Config
 from scanner.data import Augment, ImageDataset, collate, find_samples, split_by_source
 from scanner.errors import ScannerError
+from scanner.evaluate import score_samples
 from scanner.metrics import accuracy, average_precision, eer_threshold
 from scanner.model import Detector
 from scanner.weights import save_detector
@@ -44,18 +45,6 @@ def freeze(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
 
 def _frozen_modules(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch.nn.Module]:
     return [m for name, m in model.named_modules() if name and any(name.startswith(p) for p in prefixes)]
-
-
-@torch.no_grad()
-def predict(model: Detector, loader: DataLoader, progress=None, task=None) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
-    labels, scores = [], []
-    for images, y, _ in loader:
-        scores.append(torch.sigmoid(model(images).logits).float().numpy())
-        labels.append(y.numpy())
-        if progress is not None:
-            progress.advance(task, len(images))
-    return np.concatenate(labels), np.concatenate(scores)
 
 
 def _subsample(samples, limit, seed):
@@ -95,7 +84,6 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, name: str = "d
     loader_gen = torch.Generator().manual_seed(tc.seed)
     train_loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, generator=loader_gen,
                               num_workers=tc.num_workers, collate_fn=collate, persistent_workers=False)
-    val_loader = DataLoader(ImageDataset(val_set), batch_size=tc.batch_size, num_workers=tc.num_workers, collate_fn=collate)
 
     model = Detector(cfg.model, seed=tc.seed)
     trainable = freeze(model, tuple(tc.freeze))
@@ -141,7 +129,9 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, name: str = "d
                 progress.update(task, advance=len(images), info=f"loss {np.mean(losses[-20:]):.4f}")
             train_time = time.time() - start
             vtask = progress.add_task("  validate", total=len(val_set), info="")
-            y, s = predict(model, val_loader, progress, vtask)
+            y = np.array([sample.label for sample in val_set])
+            s = score_samples(model, val_set, batch_size=tc.batch_size, num_workers=tc.num_workers,
+                              progress=progress, task=vtask)
             ap, acc = average_precision(y, s), accuracy(y, s)
             record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ap": ap, "val_acc": acc,
                       "train_images_per_s": len(train_set) / train_time}
