@@ -104,9 +104,8 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, name: str = "d
         loader_gen.set_state(saved["loader_rng"])
 
     log = console.print if console is not None else print
-    log(f"training {trainable:,} parameters on {len(train_set)} images, validating on {len(val_set)}; "
-        f"resuming after epoch {state['epoch']}" if state["epoch"] else
-        f"training {trainable:,} parameters on {len(train_set)} images, validating on {len(val_set)}")
+    resumed = f"; resuming after epoch {state['epoch']}" if state["epoch"] else ""
+    log(f"training {trainable:,} parameters on {len(train_set)} images, validating on {len(val_set)}{resumed}")
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}"))
