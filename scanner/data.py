@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageFilter
 
-from scanner.decode import decode_image
+from scanner.decode import read_and_decode
 from scanner.errors import ScannerError
 
 LABEL_DIRS = {"0_real": 0, "1_fake": 1}
@@ -140,7 +140,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         sample = self.samples[i]
-        tensor = decode_image(sample.path.read_bytes())
+        tensor = read_and_decode(sample.path)
         if self.augment is not None or self.transform is not None:
             img = Image.fromarray(tensor.permute(1, 2, 0).numpy())
             if self.augment is not None:
