@@ -14,15 +14,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from scanner.errors import ItemError
+
 DEFAULT_MAX_PIXELS = 50_000_000
 
 
-class DecodeError(Exception):
-    """A file that cannot become an image. `kind` is machine-readable: decode, too_large, not_image."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+class DecodeError(ItemError):
+    """Bytes that cannot become an image. `kind`: decode, too_large or not_image."""
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Sources: enumerate work items lazily and deterministically (DESIGN.md section 2).
+"""The directory source.
 
-This first form has one source, a directory tree. Every regular file is an item: the decoder, not
-the file name, decides what is an image, and a file that is not one becomes an error record.
+A directory tree, walked depth-first in sorted order. Every regular file is an item; whether it is
+an image is decided when it is read (scanner.sources.sniff), not here, so listing stays cheap.
 """
 
 from __future__ import annotations
@@ -9,21 +9,9 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from scanner.errors import ScannerError
-
-
-@dataclass(frozen=True)
-class Item:
-    """One unit of work. `id` is stable across runs (here: the path, as built from the root given).
-
-    `error` is None, or (kind, message) when the item is already known to be unreadable.
-    """
-
-    id: str
-    path: str
-    error: tuple[str, str] | None = None
+from scanner.sources.item import Item
 
 
 def _entries(path: str) -> list[os.DirEntry]:
@@ -86,7 +74,7 @@ def iter_directory(root) -> Iterator[Item]:
     try:
         stack: list[tuple[str, Iterator[os.DirEntry]]] = [(root, iter(_entries(root)))]
     except OSError as exc:
-        yield Item(root, root, ("io", f"cannot list directory: {exc.strerror or exc}"))
+        yield Item(root, path=root, error=("io", f"cannot list directory: {exc.strerror or exc}"))
         return
     while stack:
         _, entries = stack[-1]
@@ -100,11 +88,11 @@ def iter_directory(root) -> Iterator[Item]:
             try:
                 listing = _entries(path)
             except OSError as exc:
-                yield Item(path, path, ("io", f"cannot list directory: {exc.strerror or exc}"))
+                yield Item(path, path=path, error=("io", f"cannot list directory: {exc.strerror or exc}"))
                 continue
             stack.append((path, iter(listing)))
         elif kind == "file":
-            yield Item(path, path)
+            yield Item(path, path=path)
         elif kind == "special":
-            yield Item(path, path, ("not_image", f"not a regular file ({_special_kind(path)})"))
+            yield Item(path, path=path, error=("not_image", f"not a regular file ({_special_kind(path)})"))
         # dir_link: not followed
