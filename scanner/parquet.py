@@ -1,0 +1,86 @@
+"""`--format parquet`: the JSONL records as a Parquet table (pyarrow, the `parquet` extra).
+
+Columns mirror the JSONL keys; `error` is a struct {kind, message}. Written once per run from the
+previous Parquet file plus the run's JSONL journal (scanner.store), in bounded-size row groups.
+"""
+
+from __future__ import annotations
+
+import os
+
+from scanner.errors import ScannerError
+from scanner.results import KEYS
+
+ROWS_PER_GROUP = 65536
+
+
+def require_pyarrow():
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ScannerError("--format parquet needs pyarrow: pip install 'scanner[parquet]'") from None
+    return pyarrow
+
+
+def arrow_schema():
+    pa = require_pyarrow()
+    return pa.schema([
+        ("schema", pa.int16()),
+        ("id", pa.string()),
+        ("sha256", pa.string()),
+        ("score", pa.float64()),
+        ("label", pa.string()),
+        ("patches", pa.list_(pa.list_(pa.int64()))),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("downscaled", pa.bool_()),
+        ("model", pa.string()),
+        ("error", pa.struct([("kind", pa.string()), ("message", pa.string())])),
+    ])
+
+
+def read_parquet_ids(path: str, model_id: str | None) -> set[str]:
+    """Ids in an existing Parquet output; refuses one written by another model."""
+    require_pyarrow()
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(columns=["id", "model"], batch_size=ROWS_PER_GROUP):
+        models = set(batch.column("model").to_pylist())
+        if model_id is not None and models - {model_id}:
+            raise ScannerError(
+                f"{path!r} was written with model {sorted(models - {model_id})[0]!r}, this run uses "
+                f"{model_id!r}; pass --force to start over or write to another --out"
+            )
+        done.update(batch.column("id").to_pylist())
+    return done
+
+
+def merge_journal(journal: str, path: str) -> None:
+    """Rewrite `path` as its old rows plus the journal's records, atomically, then drop the journal."""
+    require_pyarrow()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scanner.store import iter_records
+
+    schema = arrow_schema()
+    tmp = path + ".tmp"
+    with pq.ParquetWriter(tmp, schema) as writer:
+        if os.path.exists(path):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_GROUP):
+                writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+        rows: list[dict] = []
+        for record in iter_records(journal):
+            rows.append({key: record[key] for key in KEYS})
+            if len(rows) >= ROWS_PER_GROUP:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                rows = []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    os.unlink(journal)
