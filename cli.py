@@ -18,10 +18,9 @@ def _console():
 
 
 def _threads(n: int | None) -> None:
-    import torch
+    from scanner.scan import set_threads
 
-    if n:
-        torch.set_num_threads(n)
+    set_threads(n)
 
 
 class _Group(click.Group):
@@ -41,34 +40,94 @@ def main():
     """Tell AI-synthesized images (GANs, diffusion, face swaps) from real photographs."""
 
 
-@main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="JSONL file to write.")
+RUN_EPILOG = """\b
+Exit codes:
+  0    done (every item has a record)
+  1    internal failure (a bug; the traceback says where)
+  2    usage error (bad option, missing input, incompatible output)
+  3    done, but more error records than --max-errors
+  4    the output is locked by another running scan
+  130  interrupted by SIGINT, 143 by SIGTERM: rerun the same command to resume
+"""
+
+
+@main.command(epilog=RUN_EPILOG)
+@click.argument("inputs", nargs=-1)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Results file; rerunning with the same file resumes (skips ids already in it).")
+@click.option("--from-list", "from_list", default=None, help="A file of paths or URLs to scan, one per line ('-': stdin).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
+              help="Output format (parquet needs pyarrow: pip install 'scanner[parquet]').")
+@click.option("--force", is_flag=True, help="Start over: discard the existing output instead of resuming.")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Detector weights (.safetensors); default: the shipped model.")
 @click.option("--batch-size", default=16, show_default=True, help="Images per inference batch.")
-@click.option("--threshold", type=float, default=None, help="Score at or above which the label is synthetic; default: the model's calibrated threshold.")
+@click.option("--workers", type=int, default=None,
+              help="Decode threads (default: 2 on up to 4 cores, else 4; more for network sources; 0: no overlap).")
+@click.option("--threads", type=int, default=None, help="Torch intra-op threads (default: one per core).")
+@click.option("--threshold", type=float, default=None,
+              help="Score at or above which the label is synthetic; default: the model's calibrated threshold.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, help="Refuse larger images (decompression bombs).")
-@click.option("--threads", type=int, default=None, help="Torch intra-op threads (default: torch's choice).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(directory, out, model_path, batch_size, threshold, max_pixels, threads, quiet):
-    """Scan every file under DIRECTORY and write one JSON line per file to --out."""
+@click.option("--downscale-large", is_flag=True, help="Scan images over --max-pixels at reduced size instead of refusing them.")
+@click.option("--max-errors", type=int, default=None, help="Exit with code 3 if this run writes more error records than this.")
+@click.option("--summary-json", type=click.Path(path_type=Path), default=None, help="Also write the final summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, threads, threshold, max_pixels,
+        downscale_large, max_errors, summary_json, quiet):
+    """Scan INPUTS (directories, image files, tar/zip/webdataset shards, URLs) and write one record per
+    image to --out."""
+    import json
+    import signal
+    import threading
+
     from scanner.errors import ScannerError
-    from scanner.scan import scan
+    from scanner.prepare import DecodeOptions
+    from scanner.scan import ScanOptions, scan
+    from scanner.sources import expected_total
     from scanner.weights import load_detector
 
-    if not directory.is_dir():
-        raise ScannerError(f"{str(directory)!r} is not a directory; pass a folder of images to scan")
+    if not inputs and from_list is None:
+        raise ScannerError("nothing to scan: pass directories, files or URLs, or --from-list FILE")
+    options = ScanOptions(batch_size=batch_size, workers=workers, threshold=threshold, fmt=fmt, force=force,
+                          decode=DecodeOptions(max_pixels=max_pixels, downscale_large=downscale_large))
+    options.validate()
     _threads(threads)
-    console = None if quiet else _console()
     model, info = load_detector(model_path)
-    summary = scan(directory, out, model, info, batch_size=batch_size, threshold=threshold,
-                   max_pixels=max_pixels, console=console)
+    total = expected_total(inputs, from_list)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now (written records stay valid)
+        received.append(signum)
+        stop.set()
+        click.echo(f"scanner: {signal.Signals(signum).name}: finishing the current batch (again to abort)", err=True)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = scan(list(inputs), out, model, info, from_list=from_list, options=options,
+                       console=None if quiet else _console(), stop=stop, total=total)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.errors_by_kind.items()))
     click.echo(
-        f"scanned {summary.scanned} files ({summary.errors} errors) in {summary.seconds:.1f} s, "
-        f"{summary.images_per_s:.1f} images/s, model {info.model_id} -> {out}",
+        f"scanned {summary.scanned} files ({summary.errors} errors{': ' + kinds if kinds else ''}), "
+        f"skipped {summary.skipped_done} already done and {summary.not_images} not images, "
+        f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} files/s, model {info.model_id} -> {out}",
         err=True,
     )
+    if summary_json is not None:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps({**summary.to_json(), "out": str(out), "model": info.model_id}, indent=2)
+                                + "\n")
+    if received:
+        click.echo("scanner: interrupted; rerun the same command to resume", err=True)
+        sys.exit(128 + received[0])
+    if max_errors is not None and summary.errors > max_errors:
+        click.echo(f"scanner: {summary.errors} error records, more than --max-errors {max_errors}", err=True)
+        sys.exit(3)
 
 
 @main.command()

@@ -1,12 +1,14 @@
 """Results: one JSON object per line (DESIGN.md section 2, "Results").
 
-Every record has exactly these keys, in this order:
+Schema version 1 (README.md, "Results"). Every record has exactly these keys, in this order:
 
-    id, sha256, score, label, patches, width, height, model, error
+    schema, id, sha256, score, label, patches, width, height, downscaled, model, error
 
-`score` is sigmoid(logit) rounded to 6 decimals, `label` is "synthetic" or "real", `patches` is a
-list of [x0, y0, x1, y1] integer boxes in original pixels, `error` is null or {"kind", "message"}.
-In an error record score, label and patches are null (sha256, width and height too when unknown).
+`schema` is 1. `score` is sigmoid(logit) rounded to 6 decimals, `label` is "synthetic" or "real",
+`patches` is a list of [x0, y0, x1, y1] integer boxes in original pixels, `width`/`height` are the
+original image's size, `downscaled` is true when the image was over the pixel budget and scanned at
+reduced size (`--downscale-large`), `error` is null or {"kind", "message"}. In an error record score,
+label and patches are null (sha256, width and height too when unknown).
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from typing import Any
 
 SYNTHETIC = "synthetic"
 REAL = "real"
-KEYS = ("id", "sha256", "score", "label", "patches", "width", "height", "model", "error")
+SCHEMA_VERSION = 1
+KEYS = ("schema", "id", "sha256", "score", "label", "patches", "width", "height", "downscaled", "model", "error")
 
 
 def label_for(score: float, threshold: float) -> str:
     return SYNTHETIC if score >= threshold else REAL
 
 
-def result_record(id, sha256, score, label, boxes, width, height, model_id) -> dict[str, Any]:
-    """boxes: (K, 4) tensor, array or nested list of [x0, y0, x1, y1]."""
+def result_record(id, sha256, score, label, boxes, width, height, model_id, *, downscaled=False) -> dict[str, Any]:
+    """boxes: (K, 4) tensor, array or nested list of [x0, y0, x1, y1], in original pixels."""
     score = float(score)
     if not math.isfinite(score):
         raise ValueError(f"score must be finite, got {score}")
@@ -35,6 +38,7 @@ def result_record(id, sha256, score, label, boxes, width, height, model_id) -> d
     if hasattr(boxes, "tolist"):
         boxes = boxes.tolist()
     return {
+        "schema": SCHEMA_VERSION,
         "id": id,
         "sha256": sha256,
         "score": round(score, 6),
@@ -42,13 +46,15 @@ def result_record(id, sha256, score, label, boxes, width, height, model_id) -> d
         "patches": [[int(v) for v in box] for box in boxes],
         "width": int(width),
         "height": int(height),
+        "downscaled": bool(downscaled),
         "model": model_id,
         "error": None,
     }
 
 
-def error_record(id, sha256, kind, message, model_id, *, width=None, height=None) -> dict[str, Any]:
+def error_record(id, sha256, kind, message, model_id, *, width=None, height=None, downscaled=False) -> dict[str, Any]:
     return {
+        "schema": SCHEMA_VERSION,
         "id": id,
         "sha256": sha256,
         "score": None,
@@ -56,6 +62,7 @@ def error_record(id, sha256, kind, message, model_id, *, width=None, height=None
         "patches": None,
         "width": width,
         "height": height,
+        "downscaled": bool(downscaled),
         "model": model_id,
         "error": {"kind": str(kind), "message": str(message)},
     }
@@ -64,37 +71,3 @@ def error_record(id, sha256, kind, message, model_id, *, width=None, height=None
 def dumps(record: dict[str, Any]) -> str:
     """One line of JSON. ASCII-escaped, so file names that are not valid UTF-8 still round-trip."""
     return json.dumps(record, ensure_ascii=True, allow_nan=False, separators=(", ", ": "))
-
-
-class ResultWriter:
-    """Writes records as JSON lines. `flush()` pushes them to the OS (the scan calls it per batch).
-
-    Each record is written with a single write() of a complete line, so the lines already flushed
-    are always whole. append=False truncates the file (this first form of `scanner run`).
-    """
-
-    def __init__(self, path, *, append: bool = False):
-        self.path = os.fspath(path)
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        self._fh = open(self.path, "a" if append else "w", encoding="ascii", newline="\n")
-        self.written = 0
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(dumps(record) + "\n")
-        self.written += 1
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-    def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.flush()
-            self._fh.close()
-
-    def __enter__(self) -> "ResultWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

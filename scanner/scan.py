@@ -1,258 +1,315 @@
-"""`scanner run DIR --out results.jsonl`, first form: a sequential CPU/torch scan.
+"""`scanner run`: the production scan (DESIGN.md section 2).
 
-    files (sources.iter_directory) -> read + sha256 -> decode -> batches -> Detector -> JSONL
+    enumerate (thread) -> read + sha256 + decode (pool of threads) -> batches -> model (this thread)
+                                                                             -> write (thread)
 
-One record per file, in enumeration order; unreadable and undecodable files become error records
-at their position. The output is truncated at start (resume comes later). Records are flushed after
-every batch, so a killed run leaves whole lines for every batch before the one in flight.
+The stages are joined by bounded queues, so memory stays flat however long the listing is and a slow
+stage holds the others back instead of piling up work. Records are written in enumeration order, one
+per item, errors at their position; items already in the output (resume) are skipped, and so are
+files that are not images (scanner.sources.sniff). `workers=0` runs every stage on this thread, one
+after the other: the reference the overlap is measured against.
+
+Stopping (`stop` event, set by SIGINT/SIGTERM in the CLI): no new items are taken, the batch being
+assembled is scored and written, the output is synced, and the summary says `interrupted`. Items
+that were read but not written are simply scanned again by the next run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import math
 import os
-import stat
+import queue
+import threading
 import time
-from dataclasses import dataclass
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from scanner.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from scanner.errors import ScannerError
-from scanner.results import ResultWriter, error_record, label_for, result_record
-from scanner.sources import Item, iter_directory
+from scanner.inference import BatchRunner
+from scanner.prepare import DecodeOptions, Prepared, prepare
+from scanner.progress import ScanProgress
+from scanner.sources import iter_sources
+from scanner.store import ResultStore
 
-log = logging.getLogger(__name__)
-
-MAX_FILE_BYTES = 1 << 30  # a file is read whole; larger ones are refused as too_large
 # Decoded pixels held for one batch (about 600 MB of uint8 RGB): a batch of huge images runs early.
 BATCH_PIXEL_BUDGET = 200_000_000
+_END = object()
+
+
+@dataclass
+class ScanOptions:
+    batch_size: int = 16
+    workers: int | None = None  # decode threads; None: default_workers(); 0: no overlap (one thread)
+    threshold: float | None = None  # None: the model's calibrated threshold
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    fmt: str = "jsonl"
+    force: bool = False  # start over instead of resuming
+    fsync_interval: float = 5.0
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ScannerError(f"batch size is {self.batch_size}; expected a positive integer")
+        if self.workers is not None and self.workers < 0:
+            raise ScannerError(f"workers is {self.workers}; expected 0 (no overlap) or more")
+        if self.decode.max_pixels < 1:
+            raise ScannerError(f"max pixels is {self.decode.max_pixels}; expected a positive integer")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ScannerError(f"threshold is {self.threshold}; expected a probability in [0, 1]")
 
 
 @dataclass
 class ScanSummary:
-    scanned: int  # records written (one per file)
+    scanned: int  # records written by this run (one per item)
     errors: int  # of which error records
+    skipped_done: int  # items already in the output (resume) or given twice
+    not_images: int  # files skipped as not images
     seconds: float
-    images_per_s: float
+    images_per_s: float  # records written per second
+    interrupted: bool = False
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
-@dataclass
-class _Pending:
-    """A file whose record is not written yet: either an error record, or an image awaiting the model."""
-
-    item: Item
-    sha256: str | None = None
-    image: torch.Tensor | None = None  # uint8 (3, H, W)
-    record: dict | None = None  # set once known
+def default_workers() -> int:
+    """Decode threads. Decoding costs a few percent of inference on the CPU, so a small pool keeps the
+    model fed without taking cores from torch's intra-op threads; more threads only help when reads
+    wait on the network (pass --workers)."""
+    return 2 if (os.cpu_count() or 1) <= 4 else 4
 
 
-def read_item(item: Item, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The file's bytes. Raises OSError for I/O problems, DecodeError for non-regular or huge files."""
-    st = os.stat(item.path)  # follows symlinks; a dangling or looping link raises OSError here
-    if not stat.S_ISREG(st.st_mode):
-        # Never open FIFOs or devices (a FIFO blocks); directories reached through a file path too.
-        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise DecodeError("not_image", f"{what}")
-    if st.st_size > max_bytes:
-        raise DecodeError("too_large", f"file is {st.st_size} bytes, more than the limit of {max_bytes}")
-    with open(item.path, "rb") as fh:
-        return fh.read(max_bytes + 1)
+class _Feed:
+    """Enumerates items on a thread into a bounded queue, dropping ids that are already done: in the
+    output (resume) or earlier in this run (a file given twice, e.g. in a directory and a list)."""
 
+    def __init__(self, items, done: set[str], maxsize: int, threaded: bool):
+        self.skipped_done = 0
+        self._items = (item for item in items if not self._is_done(item, done))
+        self._threaded = threaded
+        self._closed = threading.Event()
+        if threaded:
+            self._queue: queue.Queue = queue.Queue(maxsize)
+            self._thread = threading.Thread(target=self._fill, name="scan-enumerate", daemon=True)
+            self._thread.start()
 
-def _prepare(item: Item, model_id: str, max_pixels: int, max_bytes: int) -> _Pending:
-    """Read, hash and decode one item; the result carries either an image or a finished error record."""
-    pending = _Pending(item)
-    if item.error is not None:
-        pending.record = error_record(item.id, None, item.error[0], item.error[1], model_id)
-        return pending
-    try:
-        data = read_item(item, max_bytes)
-    except DecodeError as exc:
-        pending.record = error_record(item.id, None, exc.kind, str(exc), model_id)
-        return pending
-    except OSError as exc:
-        pending.record = error_record(item.id, None, "io", f"cannot read file: {exc.strerror or exc}", model_id)
-        return pending
-    pending.sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        pending.image = decode_image(data, max_pixels)
-    except DecodeError as exc:
-        pending.record = error_record(item.id, pending.sha256, exc.kind, str(exc), model_id)
-    except MemoryError:
-        pending.record = error_record(item.id, pending.sha256, "too_large", "out of memory while decoding", model_id)
-    except Exception as exc:  # noqa: BLE001 - a third-party parser failing on hostile bytes is a bad file, not our bug
-        pending.record = error_record(
-            item.id, pending.sha256, "decode", f"decoder failed: {type(exc).__name__}: {exc}", model_id
-        )
-    return pending
+    def _is_done(self, item, done: set[str]) -> bool:
+        if item.id in done:
+            self.skipped_done += 1
+            return True
+        done.add(item.id)
+        return False
 
-
-class _Inference:
-    """Runs the detector on a batch; a batch that fails is retried image by image, so one image that
-    breaks the model becomes one error record and never costs its neighbours their results."""
-
-    def __init__(self, model, model_id: str, threshold: float):
-        self.model = model
-        self.model_id = model_id
-        self.threshold = threshold
-        self.succeeded = 0  # images scored so far in this run
-
-    def _forward(self, images: list[torch.Tensor]) -> tuple[list[float], torch.Tensor]:
-        with torch.no_grad():
-            out = self.model(images)
-        scores = torch.sigmoid(out.logits.float()).cpu().tolist()  # (B,)
-        return scores, out.boxes.cpu()  # (B, K, 4)
-
-    def _record(self, pending: _Pending, score: float, boxes: torch.Tensor) -> dict:
-        item, image = pending.item, pending.image
-        _, h, w = image.shape
-        if not math.isfinite(score):
-            return error_record(item.id, pending.sha256, "inference", "model produced a non-finite score",
-                                self.model_id, width=w, height=h)
-        return result_record(item.id, pending.sha256, score, label_for(score, self.threshold), boxes, w, h,
-                             self.model_id)
-
-    def run(self, batch: list[_Pending]) -> None:
-        """Fill in `record` for every pending image of the batch."""
+    def _fill(self) -> None:
         try:
-            scores, boxes = self._forward([p.image for p in batch])
-        except Exception as exc:  # noqa: BLE001 - isolate the image that fails, below
-            if len(batch) > 1:
-                log.warning("batch of %d failed (%s: %s); retrying image by image", len(batch), type(exc).__name__, exc)
-            for pending in batch:
-                self._run_one(pending)
+            for item in self._items:
+                if not self._put(item):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the scan thread, which raises it
+            self._put(exc)
+
+    def _put(self, value) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self):
+        """The next item, or _END."""
+        if not self._threaded:
+            return next(self._items, _END)
+        value = self._queue.get()
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class _Writer:
+    """Writes batches of records on a thread (fsync can take a while on network storage)."""
+
+    def __init__(self, store: ResultStore, progress: ScanProgress, threaded: bool):
+        self._store = store
+        self._progress = progress
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = queue.Queue(16) if threaded else None
+        if threaded:
+            self._thread = threading.Thread(target=self._drain, name="scan-write", daemon=True)
+            self._thread.start()
+
+    def _write(self, records: list[dict]) -> None:
+        self._store.write(records)
+        self._progress.advance(len(records), sum(r["error"] is not None for r in records))
+
+    def _drain(self) -> None:
+        while (records := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(records)
+                except BaseException as exc:  # noqa: BLE001 - raised on the scan thread
+                    self._error = exc
+
+    def put(self, records: list[dict]) -> None:
+        self._raise_if_failed()
+        if self._queue is None:
+            self._write(records)
         else:
-            for pending, score, box in zip(batch, scores, boxes):
-                pending.record = self._record(pending, score, box)
-            self.succeeded += len(batch)
-        for pending in batch:
-            pending.image = None  # free the pixels now
+            self._queue.put(records)
 
-    def _run_one(self, pending: _Pending) -> None:
-        try:
-            scores, boxes = self._forward([pending.image])
-        except Exception as exc:
-            if self.succeeded == 0:
-                # Nothing has ever run: the model or the setup is broken, not this image.
-                raise
-            _, h, w = pending.image.shape
-            pending.record = error_record(pending.item.id, pending.sha256, "inference",
-                                          f"model failed on this image: {type(exc).__name__}: {exc}",
-                                          self.model_id, width=w, height=h)
-            return
-        pending.record = self._record(pending, scores[0], boxes[0])
-        self.succeeded += 1
+    def close(self) -> None:
+        """Write everything queued, then raise the first write error, if any."""
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
-def _progress(console):
-    from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
+class _Immediate:
+    """Runs a call on this thread and looks like a Future (the no-overlap reference)."""
 
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} files/s" if task.speed else "- files/s", style="progress.data.speed")
+    def __init__(self, fn, *args):
+        self._value = fn(*args)
 
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]scanning[/bold] {task.completed} files"),
-        RateColumn(),
-        TextColumn("[red]{task.fields[errors]} errors[/red]"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
+    def result(self):
+        return self._value
 
 
-def scan(
-    root,
-    out_path,
-    model,
-    info,
-    *,
-    batch_size: int = 16,
-    threshold: float | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    console=None,
-    max_bytes: int = MAX_FILE_BYTES,
-) -> ScanSummary:
-    """Scan every file under `root` and write one JSONL record per file to `out_path`.
+def scan(inputs, out_path, model, info, *, from_list: str | None = None, options: ScanOptions | None = None,
+         console=None, stop: threading.Event | None = None, total: int | None = None) -> ScanSummary:
+    """Scan `inputs` (a path, URL, or a list of them; see scanner.sources) and `from_list` into `out_path`.
 
     model: a Detector (forward(list of uint8 (3, H, W)) -> logits (B,), boxes (B, K, 4)); info: its
-    ModelInfo (model_id, threshold). A rich progress display is drawn on `console` when given.
+    ModelInfo (model_id, threshold). Progress is drawn on `console` when given; `total` (items, when
+    known) gives it an ETA. Raises ScannerError for bad inputs before the output is touched.
     """
-    if batch_size < 1:
-        raise ScannerError(f"batch size is {batch_size}; expected a positive integer")
-    if max_pixels < 1:
-        raise ScannerError(f"max pixels is {max_pixels}; expected a positive integer")
-    threshold = info.threshold if threshold is None else float(threshold)
-    if not 0.0 <= threshold <= 1.0:
-        raise ScannerError(f"threshold is {threshold}; expected a probability in [0, 1]")
-    model_id = info.model_id
-    items = iter_directory(root)  # raises ScannerError before the output is touched
-    first = next(items, None)
+    options = options or ScanOptions()
+    options.validate()
+    threshold = info.threshold if options.threshold is None else float(options.threshold)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    items = iter_sources([os.fspath(i) for i in inputs], from_list=from_list, max_bytes=options.decode.max_bytes)
+    workers = default_workers() if options.workers is None else options.workers
+    stop = stop or threading.Event()
     model.eval()
-    infer = _Inference(model, model_id, threshold)
+    with ResultStore(out_path, fmt=options.fmt, force=options.force, model_id=info.model_id,
+                     fsync_interval=options.fsync_interval) as store:
+        return _Scan(model, info.model_id, threshold, options, workers, stop).run(items, store, console, total)
 
-    start = time.perf_counter()
-    scanned = errors = 0
-    pending: list[_Pending] = []  # in enumeration order; records written from the front
-    batch: list[_Pending] = []
-    batch_pixels = 0
 
-    progress = _progress(console) if console is not None else None
-    task = progress.add_task("scan", total=None, errors=0) if progress is not None else None
+class _Scan:
+    def __init__(self, model, model_id: str, threshold: float, options: ScanOptions, workers: int,
+                 stop: threading.Event):
+        self.runner = BatchRunner(model, model_id, threshold)
+        self.model_id = model_id
+        self.options = options
+        self.workers = workers
+        self.stop = stop
+        self.pending: list[Prepared] = []  # in enumeration order; records leave from the front
+        self.batch: list[Prepared] = []
+        self.batch_pixels = 0
+        self.scanned = 0
+        self.not_images = 0
+        self.kinds: Counter = Counter()
 
-    def drain(writer: ResultWriter) -> None:
-        nonlocal scanned, errors
+    def run(self, items, store: ResultStore, console, total: int | None) -> ScanSummary:
+        threaded = self.workers > 0
+        window_size = self.options.batch_size + 2 * max(self.workers, 1)  # decoded images held at most
+        start = time.perf_counter()
+        progress = ScanProgress(console, total)
+        feed = _Feed(items, store.done, window_size, threaded)
+        writer = _Writer(store, progress, threaded)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="scan-decode") if threaded else None
+        try:
+            self._loop(feed, pool, writer, progress, window_size)
+        finally:
+            feed.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            try:
+                writer.close()  # what was scored is written, even when the scan fails
+            finally:
+                progress.close()
+        seconds = time.perf_counter() - start
+        errors = sum(self.kinds.values())
+        return ScanSummary(self.scanned, errors, feed.skipped_done, self.not_images, seconds,
+                           self.scanned / seconds if seconds > 0 else 0.0, self.stop.is_set(), dict(self.kinds))
+
+    def _loop(self, feed: _Feed, pool, writer: _Writer, progress: ScanProgress, window_size: int) -> None:
+        window: deque[Future] = deque()
+        decode_options = self.options.decode
+        exhausted = False
+        skipped_before = 0
+        while not self.stop.is_set():
+            while not exhausted and len(window) < window_size:
+                item = feed.get()
+                if item is _END:
+                    exhausted = True
+                elif pool is not None:
+                    window.append(pool.submit(prepare, item, self.model_id, decode_options))
+                else:
+                    window.append(_Immediate(prepare, item, self.model_id, decode_options))
+                    break  # one at a time: no read-ahead without overlap
+            if feed.skipped_done > skipped_before:  # resumed items count towards the total
+                progress.advance(feed.skipped_done - skipped_before)
+                skipped_before = feed.skipped_done
+            if not window:
+                break
+            self._take(window.popleft().result(), progress)
+            if not self.batch:
+                self._emit(writer)  # only error records waiting: write them now
+            elif (len(self.batch) >= self.options.batch_size or self.batch_pixels >= BATCH_PIXEL_BUDGET
+                  or len(self.pending) >= 8 * self.options.batch_size or (exhausted and not window)):
+                self._run_batch(writer)
+        self._run_batch(writer)  # the last partial batch, or the one in progress when stopped
+
+    def _take(self, p: Prepared, progress: ScanProgress) -> None:
+        if p.skip:
+            self.not_images += 1
+            progress.advance(1)
+            return
+        self.pending.append(p)
+        if p.image is not None:
+            self.batch.append(p)
+            self.batch_pixels += p.image.shape[1] * p.image.shape[2]
+
+    def _run_batch(self, writer: _Writer) -> None:
+        if self.batch:
+            self.runner.run(self.batch)
+            self.batch, self.batch_pixels = [], 0
+        self._emit(writer)
+
+    def _emit(self, writer: _Writer) -> None:
+        """Hand the leading finished records to the writer, in order."""
         done = 0
-        for p in pending:
+        for p in self.pending:
             if p.record is None:
                 break
-            writer.write(p.record)
-            scanned += 1
-            errors += p.record["error"] is not None
             done += 1
-        del pending[:done]
-        if done:
-            writer.flush()
-            if progress is not None:
-                progress.update(task, completed=scanned, errors=errors)
+        if not done:
+            return
+        records = [p.record for p in self.pending[:done]]
+        del self.pending[:done]
+        for record in records:
+            if record["error"] is not None:
+                self.kinds[record["error"]["kind"]] += 1
+        self.scanned += len(records)
+        writer.put(records)
 
-    def run_batch(writer: ResultWriter) -> None:
-        nonlocal batch, batch_pixels
-        if batch:
-            infer.run(batch)
-            batch, batch_pixels = [], 0
-        drain(writer)
 
-    def chain():
-        if first is not None:
-            yield first
-            yield from items
-
-    if progress is not None:
-        progress.start()
-    try:
-        with ResultWriter(out_path) as writer:
-            for item in chain():
-                p = _prepare(item, model_id, max_pixels, max_bytes)
-                pending.append(p)
-                if p.image is not None:
-                    batch.append(p)
-                    batch_pixels += p.image.shape[1] * p.image.shape[2]
-                if not batch:
-                    drain(writer)  # only error records waiting: write them now
-                elif len(batch) >= batch_size or batch_pixels >= BATCH_PIXEL_BUDGET or len(pending) >= 8 * batch_size:
-                    run_batch(writer)
-            run_batch(writer)
-            if pending:  # cannot happen: every pending item has a record after the last batch
-                raise RuntimeError(f"{len(pending)} results were not written")
-    finally:
-        if progress is not None:
-            progress.update(task, completed=scanned, errors=errors)
-            progress.stop()
-    seconds = time.perf_counter() - start
-    return ScanSummary(scanned, errors, seconds, scanned / seconds if seconds > 0 else 0.0)
+def set_threads(intra_op: int | None) -> None:
+    """Torch intra-op threads; None leaves torch's choice (one per core)."""
+    if intra_op:
+        torch.set_num_threads(intra_op)

@@ -53,7 +53,7 @@ def test_help_lists_commands():
 def test_user_errors_exit_2_with_one_line(tmp_path, weights):
     runner = CliRunner()
     missing = runner.invoke(cli.main, ["run", str(tmp_path / "nope"), "--out", str(tmp_path / "r.jsonl")])
-    assert missing.exit_code == 2 and "not a directory" in missing.output
+    assert missing.exit_code == 2 and "does not exist" in missing.output
     (tmp_path / "imgs").mkdir()
     bad_model = tmp_path / "bad.safetensors"
     bad_model.write_bytes(b"not safetensors")

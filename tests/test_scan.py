@@ -1,7 +1,8 @@
-"""scan(): one record per file, in order, errors at their position; sources; the JSONL writer."""
+"""scan(): one record per image file, in order, errors at their position; the directory source; records."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import itertools
@@ -16,8 +17,8 @@ import torch
 from scanner.config import ModelConfig
 from scanner.errors import ScannerError
 from scanner.model import Detector
-from scanner.results import KEYS, ResultWriter, error_record, result_record
-from scanner.scan import scan
+from scanner.results import KEYS, error_record, result_record
+from scanner.scan import ScanOptions, scan
 from scanner.sources import iter_directory
 from scanner.weights import load_detector, save_detector
 
@@ -34,7 +35,7 @@ GOOD = {
 }
 BAD = {
     "b/empty.jpg": (b"", "not_image"),
-    "b/d/notes.txt": (b"some text\n", "not_image"),
+    "b/d/notes.jpg": (b"some text\n", "not_image"),  # named like an image: reported, not skipped
     "c/trunc.jpg": (None, "decode"),
     "c/sub/huge.png": (None, "too_large"),
 }
@@ -78,6 +79,7 @@ def make_tree(root: Path) -> dict[str, object]:
     expected["c/self.jpg"] = "io"
     (root / "c" / "a_link.jpg").symlink_to(root / "a.jpg")  # file symlink: an item of its own
     expected["c/a_link.jpg"] = GOOD["a.jpg"]
+    (root / "b" / "d" / "notes.txt").write_bytes(b"neither an image by name nor by content\n")  # skipped
     (root / ".hidden").mkdir()
     (root / ".hidden" / "x.jpg").write_bytes(encode(gradient(8, 8), "JPEG"))
     (root / "b" / ".skip.jpg").write_bytes(b"hidden")
@@ -107,7 +109,7 @@ def scanned(tree, detector, tmp_path_factory):
     def get(batch_size):
         if batch_size not in cache:
             out = out_dir / f"bs{batch_size}" / "results.jsonl"  # the parent is created by the writer
-            summary = scan(tree[0], out, model, info, batch_size=batch_size)
+            summary = scan(tree[0], out, model, info, options=ScanOptions(batch_size=batch_size))
             cache[batch_size] = summary, read_records(out)
         return cache[batch_size]
 
@@ -124,7 +126,9 @@ def test_scan_tree(tree, detector, scanned):
     assert ids == sorted(ids, key=part_key), "records are not in enumeration order"
     assert sorted(os.path.relpath(i, root) for i in ids) == sorted(expected)
     assert summary.scanned == len(records) == len(expected)
+    assert summary.not_images == 1 and summary.skipped_done == 0  # notes.txt
     assert summary.errors == sum(not isinstance(v, tuple) for v in expected.values())
+    assert summary.errors_by_kind == dict(collections.Counter(v for v in expected.values() if isinstance(v, str)))
     assert summary.images_per_s > 0
 
     for record in records:
@@ -191,7 +195,7 @@ def test_inference_failure_isolated_to_its_image(tmp_path, tree, detector, scann
             return self.inner(images)
 
     out = tmp_path / "flaky.jsonl"
-    summary = scan(root, out, Flaky(model), info, batch_size=3)
+    summary = scan(root, out, Flaky(model), info, options=ScanOptions(batch_size=3))
     ok_summary, ok = scanned(3)
     flaky = read_records(out)
     assert [r["id"] for r in ok] == [r["id"] for r in flaky]
@@ -214,23 +218,33 @@ def test_broken_model_raises_instead_of_erroring_every_image(tmp_path, tree, det
         raise RuntimeError("model is broken")
 
     broken.eval = lambda: None
+    out = tmp_path / "r.jsonl"
     with pytest.raises(RuntimeError, match="model is broken"):
-        scan(root, tmp_path / "r.jsonl", broken, info)
+        scan(root, out, broken, info)
+    # The error records written before the failure are whole lines, and no lock is left behind.
+    assert all(r["error"] is not None for r in read_records(out))
+    assert not (tmp_path / "r.jsonl.lock").exists()
 
 
-def test_scan_empty_dir_and_bad_root(tmp_path, detector):
+def test_scan_empty_dir_and_bad_inputs(tmp_path, detector):
     model, info = detector
     (tmp_path / "empty").mkdir()
     out = tmp_path / "r.jsonl"
-    out.write_text("stale\n")
     summary = scan(tmp_path / "empty", out, model, info)
-    assert summary.scanned == 0 and out.read_text() == ""  # truncated
+    assert summary.scanned == 0 and out.read_text() == ""
     out.write_text("keep\n")
     with pytest.raises(ScannerError, match="does not exist"):
         scan(tmp_path / "missing", out, model, info)
-    assert out.read_text() == "keep\n"  # a bad root does not clobber the output
+    with pytest.raises(ScannerError, match="not a scanner record"):
+        scan(tmp_path / "empty", out, model, info)  # a foreign file is never appended to
+    assert out.read_text() == "keep\n"
     with pytest.raises(ScannerError, match="batch size"):
-        scan(tmp_path / "empty", out, model, info, batch_size=0)
+        scan(tmp_path / "empty", out, model, info, options=ScanOptions(batch_size=0))
+    with pytest.raises(ScannerError, match="workers"):
+        scan(tmp_path / "empty", out, model, info, options=ScanOptions(workers=-1))
+    assert out.read_text() == "keep\n"
+    scan(tmp_path / "empty", out, model, info, options=ScanOptions(force=True))
+    assert out.read_text() == ""
 
 
 def test_threshold_override_and_progress(tmp_path, detector):
@@ -240,15 +254,25 @@ def test_threshold_override_and_progress(tmp_path, detector):
     root = tmp_path / "images"
     root.mkdir()
     (root / "x.png").write_bytes(encode(gradient(50, 40), "PNG"))
-    (root / "y.txt").write_bytes(b"nope")
+    (root / "y.jpg").write_bytes(b"nope")
     buf = io.StringIO()
     for threshold, label in ((0.0, "synthetic"), (1.0, None)):
-        out = tmp_path / "r.jsonl"
-        summary = scan(root, out, model, info, threshold=threshold, console=Console(file=buf, force_terminal=False))
+        out = tmp_path / f"r{threshold}.jsonl"
+        summary = scan(root, out, model, info, options=ScanOptions(threshold=threshold),
+                       console=Console(file=buf, force_terminal=True, width=150))
         rec = read_records(out)[0]
         assert rec["label"] == (label or ("synthetic" if rec["score"] >= 1.0 else "real"))
         assert summary.scanned == 2 and summary.errors == 1
-    assert "files" in buf.getvalue() and "errors" in buf.getvalue()
+    assert "files/s" in buf.getvalue() and "1 errors" in buf.getvalue()
+
+
+def test_no_overlap_reference_gives_the_same_records(tree, detector, scanned, tmp_path):
+    model, info = detector
+    _, overlapped = scanned(3)
+    out = tmp_path / "seq.jsonl"
+    summary = scan(tree[0], out, model, info, options=ScanOptions(batch_size=3, workers=0))
+    assert read_records(out) == overlapped
+    assert summary.not_images == 1
 
 
 # sources -------------------------------------------------------------------------------------------
@@ -315,9 +339,10 @@ def test_iter_directory_rejects_non_directories(tmp_path):
 # results -------------------------------------------------------------------------------------------
 
 
-def test_records_and_writer(tmp_path):
+def test_records():
     ok = result_record("p/1.jpg", "ab" * 32, 0.123456789, "real", torch.tensor([[0, 1, 2, 3]]), 10, 20, "m@1")
     assert tuple(ok) == KEYS
+    assert ok["schema"] == 1 and ok["downscaled"] is False
     assert ok["score"] == 0.123457 and ok["patches"] == [[0, 1, 2, 3]] and ok["error"] is None
     bad = error_record("p/\udcff.jpg", None, "not_image", "nope", "m@1")  # undecodable file name
     assert tuple(bad) == KEYS
@@ -328,16 +353,15 @@ def test_records_and_writer(tmp_path):
     with pytest.raises(ValueError):
         result_record("x", None, 0.5, "fake", [], 1, 1, "m")
 
-    path = tmp_path / "deep" / "r.jsonl"
-    with ResultWriter(path) as writer:
-        writer.write(ok)
-        writer.flush()
-        assert path.read_text().count("\n") == 1  # visible after flush
-        writer.write(bad)
-    assert read_records(path) == [ok, bad]
-    with ResultWriter(path, append=True) as writer:
-        writer.write(ok)
-    assert len(read_records(path)) == 3
-    with ResultWriter(path) as writer:
-        pass
-    assert path.read_text() == ""
+
+def test_an_item_given_twice_is_scanned_once(tree, detector, tmp_path):
+    model, info = detector
+    root, expected = tree
+    again = os.path.join(str(root), "a.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(again + "\n")
+    out = tmp_path / "r.jsonl"
+    summary = scan([root, again], out, model, info, from_list=str(listing))
+    ids = [r["id"] for r in read_records(out)]
+    assert len(ids) == len(set(ids)) == len(expected)
+    assert summary.skipped_done == 2

@@ -1,0 +1,63 @@
+"""One work item -> bytes -> sha256 -> decoded image, on a decode worker thread.
+
+The outcome is either an image awaiting the model, a finished error record, or a skip (the file is
+not an image by content or name). Nothing here raises for a bad file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from scanner.decode import DEFAULT_MAX_PIXELS, decode
+from scanner.errors import ItemError
+from scanner.results import error_record
+from scanner.sources import MAX_ITEM_BYTES, Item, read_item
+
+
+@dataclass
+class DecodeOptions:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    downscale_large: bool = False
+    max_bytes: int = MAX_ITEM_BYTES
+
+
+@dataclass
+class Prepared:
+    """A decoded item awaiting the model (`image` set), or a finished one (`record` set), or a skip."""
+
+    item: Item
+    sha256: str | None = None
+    image: torch.Tensor | None = None  # uint8 (3, h, w) as scanned (smaller than width x height if downscaled)
+    width: int = 0  # original size
+    height: int = 0
+    downscaled: bool = False
+    record: dict | None = None
+    skip: bool = False
+
+
+def prepare(item: Item, model_id: str, options: DecodeOptions) -> Prepared:
+    """Read, hash and decode one item."""
+    out = Prepared(item)
+    try:
+        data = read_item(item, options.max_bytes)
+        if data is None:
+            out.skip = True
+            return out
+        out.sha256 = hashlib.sha256(data).hexdigest()
+        decoded = decode(data, options.max_pixels, downscale_large=options.downscale_large)
+    except ItemError as exc:
+        out.record = error_record(item.id, out.sha256, exc.kind, str(exc), model_id)
+        return out
+    except MemoryError:
+        out.record = error_record(item.id, out.sha256, "too_large", "out of memory while decoding", model_id)
+        return out
+    except Exception as exc:  # noqa: BLE001 - a third-party parser failing on hostile bytes is a bad file, not our bug
+        out.record = error_record(item.id, out.sha256, "decode", f"decoder failed: {type(exc).__name__}: {exc}",
+                                  model_id)
+        return out
+    out.image = decoded.image
+    out.width, out.height, out.downscaled = decoded.width, decoded.height, decoded.downscaled
+    return out
