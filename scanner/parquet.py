@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from scanner.errors import ScannerError
+from scanner.idset import IdSet
 from scanner.results import KEYS
 
 ROWS_PER_GROUP = 65536
@@ -40,12 +41,11 @@ def arrow_schema():
     ])
 
 
-def read_parquet_ids(path: str, model_id: str | None) -> set[str]:
-    """Ids in an existing Parquet output; refuses one written by another model."""
+def read_parquet_ids(path: str, model_id: str | None, done: IdSet) -> None:
+    """Adds the ids of an existing Parquet output to `done`; refuses one written by another model."""
     require_pyarrow()
     import pyarrow.parquet as pq
 
-    done: set[str] = set()
     parquet = pq.ParquetFile(path)
     for batch in parquet.iter_batches(columns=["id", "model"], batch_size=ROWS_PER_GROUP):
         models = set(batch.column("model").to_pylist())
@@ -54,8 +54,7 @@ def read_parquet_ids(path: str, model_id: str | None) -> set[str]:
                 f"{path!r} was written with model {sorted(models - {model_id})[0]!r}, this run uses "
                 f"{model_id!r}; pass --force to start over or write to another --out"
             )
-        done.update(batch.column("id").to_pylist())
-    return done
+        done.add_new(batch.column("id").to_pylist())
 
 
 def merge_journal(journal: str, path: str) -> None:

@@ -16,6 +16,7 @@ that were read but not written are simply scanned again by the next run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from scanner.errors import ScannerError
+from scanner.idset import IdSet
 from scanner.inference import BatchRunner
 from scanner.prepare import DecodeOptions, Prepared, prepare
 from scanner.progress import ScanProgress
@@ -85,9 +87,11 @@ class _Feed:
     """Enumerates items on a thread into a bounded queue, dropping ids that are already done: in the
     output (resume) or earlier in this run (a file given twice, e.g. in a directory and a list)."""
 
-    def __init__(self, items, done: set[str], maxsize: int, threaded: bool):
+    CHUNK = 64  # ids are checked against the done set a chunk at a time (scanner.idset)
+
+    def __init__(self, items, done: IdSet, maxsize: int, threaded: bool):
         self.skipped_done = 0
-        self._items = (item for item in items if not self._is_done(item, done))
+        self._items = self._new_items(items, done)
         self._threaded = threaded
         self._closed = threading.Event()
         if threaded:
@@ -95,12 +99,12 @@ class _Feed:
             self._thread = threading.Thread(target=self._fill, name="scan-enumerate", daemon=True)
             self._thread.start()
 
-    def _is_done(self, item, done: set[str]) -> bool:
-        if item.id in done:
-            self.skipped_done += 1
-            return True
-        done.add(item.id)
-        return False
+    def _new_items(self, items, done: IdSet):
+        items = iter(items)
+        while chunk := list(itertools.islice(items, self.CHUNK)):
+            new = done.add_new([item.id for item in chunk])
+            self.skipped_done += new.count(False)
+            yield from itertools.compress(chunk, new)
 
     def _fill(self) -> None:
         try:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from scanner.errors import LockedError, ScannerError
+from scanner.idset import IdSet
 from scanner.results import SCHEMA_VERSION, dumps
 
 FORMATS = ("jsonl", "parquet")
@@ -78,13 +79,15 @@ class OutputLock:
             self._fd = None
 
 
-def read_done_ids(path: str, model_id: str | None) -> set[str]:
-    """Ids already in a JSONL output (or journal). Drops a torn last line (truncating the file to its
-    last whole line); refuses a file written by another model or schema, or holding a bad line."""
-    done: set[str] = set()
+def read_done_ids(path: str, model_id: str | None, done: IdSet | None = None) -> IdSet:
+    """Ids already in a JSONL output (or journal), added to `done`. Drops a torn last line (truncating
+    the file to its last whole line); refuses a file written by another model or schema, or holding
+    a bad line."""
+    done = IdSet() if done is None else done
     if not os.path.exists(path):
         return done
     good_end = 0
+    ids: list[str] = []
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, 1):
             if not line.endswith(b"\n"):
@@ -98,8 +101,12 @@ def read_done_ids(path: str, model_id: str | None) -> set[str]:
                     f"or was edited. Fix or move it, or pass --force to start over"
                 ) from None
             _check_compatible(path, record, model_id)
-            done.add(record_id)
+            ids.append(record_id)
+            if len(ids) >= 4096:
+                done.add_new(ids)
+                ids = []
             good_end += len(line)
+    done.add_new(ids)
     if good_end != os.path.getsize(path):
         with open(path, "r+b") as fh:
             fh.truncate(good_end)
@@ -132,7 +139,7 @@ class ResultStore:
         self.model_id = model_id
         self.fsync_interval = fsync_interval
         self.journal = self.path if fmt == "jsonl" else self.path + ".journal.jsonl"
-        self.done: set[str] = set()
+        self.done = IdSet()
         self.written = 0
         self._lock = OutputLock(self.path)
         self._fd: int | None = None
@@ -156,7 +163,7 @@ class ResultStore:
             if self.fmt == "parquet" and os.path.exists(self.path):
                 from scanner.parquet import read_parquet_ids
 
-                self.done |= read_parquet_ids(self.path, self.model_id)
+                read_parquet_ids(self.path, self.model_id, self.done)
             self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except BaseException:
             self._lock.release()
