@@ -1,0 +1,296 @@
+"""The torch CUDA backend: the PyTorch detector on a GPU, with the CUDA kernels between its branches.
+
+    uint8 (3, H, W) CPU images -> one pinned staging buffer -> one non-blocking copy -> device views
+        -> global view (scanner.preprocess) -> global branch under autocast -> fmap, g
+        -> PSM kernel (kernels.psm_boxes) -> boxes
+        -> crop-resize kernel (kernels.crop_resize_ragged: full-resolution ragged images, the local
+           backbone's mean/std fused in) -> local branch on the trunk, AFFM, head -> logits
+
+Same function as scanner.model.Detector (the reference, on any device): the kernels give the
+reference's boxes and patches (kernels/*.cu say exactly how), and only the network's arithmetic
+differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references run on the GPU instead
+(`use_kernels=None` picks; the choice is logged once). torch.compile (mode "reduce-overhead" = CUDA
+graphs) only behind `compile_mode`, to be measured on a GPU first.
+
+Contract (scanner.inference): `runner.eval()`, `runner(images) -> DetectorOutput` with logits (B,)
+and boxes (B, K, 4) int64 on the CPU. `load_torch_cuda(model_path) -> (runner, info)`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from scanner.errors import ScannerError
+from scanner.model import Detector, DetectorOutput
+from scanner.preprocess import global_views, image_sizes
+
+if TYPE_CHECKING:
+    from scanner.weights import ModelInfo
+
+log = logging.getLogger(__name__)
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+# -- host -> device --------------------------------------------------------------------------------------
+
+
+def native_layout(image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(3, H, W) uint8 view -> (a tensor laid out contiguously, whether it is HWC).
+
+    Decoders hand out CHW tensors or CHW views of HWC buffers; either is copied as it lies in memory.
+    """
+    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 (3, H, W) image, got {image.dtype} {tuple(image.shape)}")
+    hwc = image.permute(1, 2, 0)
+    if hwc.is_contiguous():
+        return hwc, True
+    return image.contiguous(), False
+
+
+Spec = tuple[int, tuple[int, int], bool]  # (offset in the flat buffer, (H, W), HWC?)
+
+
+def stage_images(images: Sequence[torch.Tensor], pin: bool) -> tuple[torch.Tensor, list[Spec]]:
+    """Copy B CPU images, each in its own memory order, into one flat uint8 buffer (pinned for an
+    asynchronous upload). Returns the buffer (sum 3*H*W,) and one Spec per image."""
+    natives = [native_layout(img) for img in images]
+    total = sum(t.numel() for t, _ in natives)
+    flat = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    specs, offset = [], 0
+    for (t, hwc), img in zip(natives, images):
+        n = t.numel()
+        flat[offset : offset + n].copy_(t.reshape(-1))  # contiguous: a plain memcpy
+        specs.append((offset, (img.shape[1], img.shape[2]), hwc))
+        offset += n
+    return flat, specs
+
+
+def device_views(flat: torch.Tensor, specs: Sequence[Spec]) -> list[torch.Tensor]:
+    """(3, H, W) views into the uploaded flat buffer: no copy, whatever each image's layout."""
+    views = []
+    for offset, (h, w), hwc in specs:
+        part = flat[offset : offset + 3 * h * w]
+        views.append(part.view(h, w, 3).permute(2, 0, 1) if hwc else part.view(3, h, w))
+    return views
+
+
+def upload(images: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """B uint8 (3, H, W) images -> (3, H, W) views on `device`, with one host-to-device copy."""
+    if all(img.device == device for img in images):
+        return list(images)
+    pin = device.type == "cuda"
+    cpu = [img.cpu() for img in images]
+    flat, specs = stage_images(cpu, pin=pin)
+    return device_views(flat.to(device, non_blocking=pin), specs)
+
+
+# -- GPU JPEG decode (when DALI is absent) ---------------------------------------------------------------
+
+
+def dali_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def orient_chw(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1-8) to a (3, H, W) tensor, as scanner.decode does to HWC arrays."""
+    if orientation == 2:
+        return image.flip(2)
+    if orientation == 3:
+        return image.flip(1, 2)
+    if orientation == 4:
+        return image.flip(1)
+    if orientation == 5:
+        return image.transpose(1, 2)
+    if orientation == 6:  # rotate 90 degrees clockwise
+        return image.transpose(1, 2).flip(2)
+    if orientation == 7:
+        return image.transpose(1, 2).flip(1, 2)
+    if orientation == 8:  # rotate 90 degrees counter-clockwise
+        return image.transpose(1, 2).flip(1)
+    return image
+
+
+def _exif_orientation(data: bytes) -> int:
+    """The EXIF orientation as Pillow reads it (header only); 1 when absent or unreadable."""
+    from PIL import Image
+
+    from scanner.decode import _orientation
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(_orientation(img))
+    except Exception:  # noqa: BLE001 - undecodable headers fail in the decoder, with its message
+        return 1
+
+
+def decode_jpeg_cuda(data: Sequence[bytes], device: str | torch.device = "cuda") -> list[torch.Tensor | Exception]:
+    """Decode JPEGs on the GPU with nvJPEG (torchvision.io.decode_jpeg(device="cuda")).
+
+    Returns, per input, a uint8 (3, H, W) RGB tensor on `device` with the EXIF orientation applied
+    (nvJPEG ignores it; it is read from the header on the CPU), or the exception that item raised:
+    one bad file never costs its neighbours. For use by the scan when DALI is absent.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not data:
+        return []
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    try:
+        decoded: list = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # the batched call fails whole: decode one by one to isolate the bad ones
+        decoded = []
+        for t in tensors:
+            try:
+                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as exc:
+                decoded.append(exc)
+    return [d if isinstance(d, Exception) else orient_chw(d, _exif_orientation(raw)) for d, raw in zip(decoded, data)]
+
+
+# -- the runner ----------------------------------------------------------------------------------------
+
+
+class TorchCudaRunner:
+    """`runner(images) -> DetectorOutput`: the Detector's function with the GPU fast path.
+
+    model: a Detector on `device` (eval mode). precision: "fp16" | "bf16" autocast, or "fp32".
+    use_kernels: True (required), False (references), None (kernels when available).
+    fuse_normalise: the crop-resize kernel applies the local backbone's mean/std, and the local
+    branch calls the trunk directly (one elementwise pass over the patches saved).
+    """
+
+    def __init__(self, model: Detector, device: str | torch.device = "cuda", precision: str = "fp16",
+                 use_kernels: bool | None = None, fuse_normalise: bool = True, compile_mode: str | None = None,
+                 max_batch: int = 256):
+        if precision not in PRECISIONS:
+            raise ScannerError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if max_batch < 1:
+            raise ScannerError(f"max_batch must be >= 1; got {max_batch}")
+        self.model = model
+        self.cfg = model.cfg
+        self.device = torch.device(device)
+        self.amp_dtype = PRECISIONS[precision]
+        self.precision = precision
+        self.max_batch = max_batch
+        self.keep_fmap = False  # tests and benchmarks read the global feature map
+        self.use_kernels = self._decide_kernels(use_kernels)
+        self.fuse_normalise = fuse_normalise
+        # As Python floats once: reading the device buffers per batch would synchronise the GPU.
+        backbone = model.local_backbone
+        self._mean_std = (backbone.mean.flatten().tolist(), backbone.std.flatten().tolist())
+        if compile_mode:
+            for backbone in {id(b): b for b in (model.backbone, model.local_backbone)}.values():
+                backbone.trunk = torch.compile(backbone.trunk, mode=compile_mode)
+        log.info("torch_cuda backend on %s: %s, PSM and crop-resize by %s%s", self.device, precision,
+                 "the CUDA kernels" if self.use_kernels else "the torch references",
+                 f", torch.compile mode {compile_mode}" if compile_mode else "")
+
+    def _decide_kernels(self, use_kernels: bool | None) -> bool:
+        if self.device.type != "cuda":
+            if use_kernels:
+                raise ScannerError(f"the CUDA kernels need a CUDA device; got {self.device}")
+            return False
+        import kernels
+
+        if use_kernels is None:
+            return kernels.available()
+        if use_kernels:
+            kernels.require_gpu()
+            from kernels.build import nvrtc_version
+
+            nvrtc_version()  # KernelUnavailable with what to install
+        return bool(use_kernels)
+
+    def eval(self) -> "TorchCudaRunner":
+        self.model.eval()
+        return self
+
+    def __call__(self, images: list[torch.Tensor]) -> DetectorOutput:
+        """images: list of uint8 (3, H_i, W_i) (CPU, or already on the device). Returns logits (B,)
+        float32 on the device and boxes (B, K, 4) int64 on the CPU."""
+        if not images:
+            raise ValueError("no images")
+        parts = [self._run(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        logits = torch.cat([p[0] for p in parts])
+        boxes = torch.cat([p[1] for p in parts]).cpu()
+        fmap = torch.cat([p[2] for p in parts]) if self.keep_fmap else None
+        return DetectorOutput(logits=logits, boxes=boxes, fmap=fmap)
+
+    def _autocast(self):
+        dtype, enabled = self.amp_dtype or torch.float32, self.amp_dtype is not None
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+    @torch.inference_mode()
+    def _run(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, size = self.model, self.cfg.input_size
+        sizes = image_sizes(images)  # (B, 2) int64 on the CPU
+        on_device = upload(images, self.device)  # (3, H, W) views
+        views = global_views(on_device, size)  # (B, 3, S, S) float32 in [0, 1]
+        with self._autocast():
+            fmap, g = m.global_branch(views)  # (B, C, 7, 7), (B, D)
+        boxes = self._select(fmap, sizes)  # (B, K, 4) on the device
+        patches, normalised = self._patches(on_device, boxes)  # (B, K, 3, S, S)
+        with self._autocast():
+            logits = self._local(patches, g, normalised)
+        return logits.float().reshape(-1), boxes.long(), fmap
+
+    def _select(self, fmap: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if self.use_kernels and cfg.patch_strategy == "psm":
+            import kernels
+
+            return kernels.psm_boxes(fmap, sizes, cfg.windows, cfg.patch_sizes, cfg.picks_per_window)
+        return self.model.selector(fmap.float(), sizes).to(self.device)
+
+    def _patches(self, images: list[torch.Tensor], boxes: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Patches and whether they are already normalised for the local trunk."""
+        size, backbone = self.cfg.input_size, self.model.local_backbone
+        if self.use_kernels:
+            import kernels
+
+            dtype = self.amp_dtype or torch.float32
+            mean, std = self._mean_std if self.fuse_normalise else (None, None)
+            hwc = [img.permute(1, 2, 0) for img in images]  # views: the kernel reads any strides
+            return kernels.crop_resize_ragged(hwc, boxes, size, dtype, mean, std), self.fuse_normalise
+        from scanner.crop_resize import crop_resize
+
+        patches = crop_resize(images, boxes.to(self.device), size).div_(255)
+        if self.fuse_normalise:
+            patches = (patches - backbone.mean) / backbone.std  # (1, 3, 1, 1) broadcasts over (B, K, 3, S, S)
+        return patches, self.fuse_normalise
+
+    def _local(self, patches: torch.Tensor, g: torch.Tensor, normalised: bool) -> torch.Tensor:
+        """Detector.local_fusion, with the trunk called directly when the patches are normalised."""
+        m = self.model
+        if not normalised:
+            return m.local_fusion(patches, g)[0]
+        b, k = patches.shape[:2]
+        fmap = m._trunk(m.local_backbone.trunk, patches.flatten(0, 1))  # (B*K, C, 7, 7)
+        local = m.embed(fmap.mean(dim=(2, 3))).view(b, k, -1)  # (B, K, D)
+        tokens = torch.cat([local, g[:, None, :].to(local.dtype)], dim=1)  # (B, K+1, D), global token last
+        fused, _ = m.fusion(tokens, False)
+        return m.head(fused).squeeze(-1)
+
+
+def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | None = None,
+                    compile_mode: str | None = None, max_batch: int = 256) -> tuple[TorchCudaRunner, ModelInfo]:
+    """The torch CUDA backend for the weights at `model_path` (None: the shipped default model)."""
+    from scanner.weights import load_detector
+
+    if not torch.cuda.is_available():
+        raise ScannerError("the torch_cuda backend needs a CUDA GPU, and torch.cuda.is_available() is False here; "
+                           "use the torch backend on the CPU or onnxruntime")
+    device = torch.device("cuda", torch.cuda.current_device())
+    model, info = load_detector(model_path, device=device)
+    runner = TorchCudaRunner(model, device, precision=precision, use_kernels=use_kernels, compile_mode=compile_mode,
+                             max_batch=max_batch)
+    return runner.eval(), info
