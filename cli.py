@@ -215,5 +215,51 @@ def info(model_path):
                            "config": json.loads(mi.metadata["config"])}, indent=2))
 
 
+@main.command(name="explain")
+@click.argument("image")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Detector weights (.safetensors); default: the shipped model.")
+@click.option("--backend", default="torch", show_default=True,
+              help="Backend for score and boxes; heatmap and attention come from the torch model of the same "
+                   "weights when the backend gives none.")
+@click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None,
+              help="Engine folder, for the tensorrt backend.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="PNG to write; default: IMAGE_STEM.explain.png in the current directory.")
+@click.option("--threads", type=int, default=None, help="Torch intra-op threads.")
+def explain_cmd(image, model_path, backend, engines_dir, out, threads):
+    """Draw why the model scores IMAGE as it does: activation heatmap, the six patches and their attention
+    weights, score and label (a PNG 1200 px wide). IMAGE: a file or an archive member id (a.tar::member)."""
+    from scanner.explain import explain_file
+
+    _threads(threads)
+    expl, path = explain_file(image, model_path=model_path, backend=backend, out=out, threads=threads,
+                              engines_dir=engines_dir)
+    click.echo(f"{expl.label} {expl.score:.4f} (threshold {expl.threshold:.4g}, model {expl.model_id}, "
+               f"backend {expl.backend}) -> {path}", err=True)
+
+
+@main.command(name="report")
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True,
+              help="HTML file to write (self-contained: figures inline, no network).")
+@click.option("--top", "top_n", type=int, default=50, show_default=True,
+              help="Thumbnails of the N most synthetic images (0: none).")
+@click.option("--eval-report", "eval_report", type=click.Path(path_type=Path), default=None,
+              help="The --out folder of `scanner eval`: adds PR curves per source and the robustness plots.")
+@click.option("--title", default=None, help="Page title; default: 'Scan report: RESULTS'.")
+@click.option("--threshold", type=float, default=None,
+              help="Threshold line on the histogram; default: inferred from the labels.")
+@click.option("--log-counts", is_flag=True, help="Log-scaled count axis on the score histogram.")
+def report_cmd(results, out, top_n, eval_report, title, threshold, log_counts):
+    """One self-contained HTML report of a scan's RESULTS (JSONL): counts, score histogram, errors by kind,
+    thumbnails of the most synthetic images with their patches, and an evaluation's curves."""
+    from scanner.report import write_report
+
+    path = write_report(results, out, top_n=top_n, eval_report=eval_report, title=title, threshold=threshold,
+                        log_counts=log_counts)
+    click.echo(f"report written to {path} ({path.stat().st_size / 1e6:.2f} MB)", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -185,7 +185,8 @@ def evaluate(
     """Evaluate `model` (a Detector in eval mode, described by ModelInfo `info`) on `data_dir`.
 
     Returns a JSON-serialisable report (no NaN: missing values are None); see the module docstring
-    for the metrics. With `out_dir`, writes report.json, report.md and (with `robustness`) the plots
+    for the metrics. With `out_dir`, writes report.json, report.md, scores.csv (the clean score of
+    every image, for `scanner report`'s PR curves) and (with `robustness`) the plots
     robustness_blur.png and robustness_jpeg.png there.
     """
     threshold = float(info.threshold if threshold is None else threshold)
@@ -302,9 +303,21 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         (out / "report.md").write_text(format_markdown(report), encoding="utf-8")
+        write_scores_csv(out / "scores.csv", samples, scores)
         if robustness:
             plot_robustness(report["robustness"], out)
     return report
+
+
+def write_scores_csv(path, samples: list[Sample], scores: np.ndarray) -> None:
+    """One row per image: path, source, label (0 real, 1 fake), score (the clean condition)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("path", "source", "label", "score"))
+        for s, score in zip(samples, scores):
+            writer.writerow((str(s.path), s.source, int(s.label), repr(float(score))))
 
 
 def _point(summary: dict) -> dict:
