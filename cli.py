@@ -60,11 +60,17 @@ Exit codes:
               help="Output format (parquet needs pyarrow: pip install 'scanner[parquet]').")
 @click.option("--force", is_flag=True, help="Start over: discard the existing output instead of resuming.")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
-              help="Detector weights (.safetensors); default: the shipped model.")
+              help="Detector weights (.safetensors; for --backend onnxruntime also a `scanner export` folder); "
+                   "default: the shipped model.")
 @click.option("--batch-size", default=16, show_default=True, help="Images per inference batch.")
 @click.option("--workers", type=int, default=None,
               help="Decode threads (default: 2 on up to 4 cores, else 4; more for network sources; 0: no overlap).")
 @click.option("--threads", type=int, default=None, help="Torch intra-op threads (default: one per core).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True, help="Inference backend; auto: tensorrt with a GPU and built engines, else the "
+              "faster CPU backend as measured (onnxruntime needs: pip install 'scanner[onnx]').")
+@click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None,
+              help="TensorRT engines (folder from build_engine.py), for the tensorrt backend.")
 @click.option("--threshold", type=float, default=None,
               help="Score at or above which the label is synthetic; default: the model's calibrated threshold.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, help="Refuse larger images (decompression bombs).")
@@ -72,19 +78,19 @@ Exit codes:
 @click.option("--max-errors", type=int, default=None, help="Exit with code 3 if this run writes more error records than this.")
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None, help="Also write the final summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, threads, threshold, max_pixels,
-        downscale_large, max_errors, summary_json, quiet):
+def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, threads, backend, engines_dir, threshold,
+        max_pixels, downscale_large, max_errors, summary_json, quiet):
     """Scan INPUTS (directories, image files, tar/zip/webdataset shards, URLs) and write one record per
     image to --out."""
     import json
     import signal
     import threading
 
+    from scanner.backends import load_backend
     from scanner.errors import ScannerError
     from scanner.prepare import DecodeOptions
     from scanner.scan import ScanOptions, scan
     from scanner.sources import expected_total
-    from scanner.weights import load_detector
 
     if not inputs and from_list is None:
         raise ScannerError("nothing to scan: pass directories, files or URLs, or --from-list FILE")
@@ -92,7 +98,7 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
                           decode=DecodeOptions(max_pixels=max_pixels, downscale_large=downscale_large))
     options.validate()
     _threads(threads)
-    model, info = load_detector(model_path)
+    model, info = load_backend(backend, model_path, threads=threads, engines_dir=engines_dir)
     total = expected_total(inputs, from_list)
     stop = threading.Event()
     received: list[int] = []
@@ -190,6 +196,32 @@ def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, h
                       out_dir=out_dir, console=_console(), samples=samples)
     click.echo(format_markdown(report))
     click.echo(f"report written to {out_dir}", err=True)
+
+
+@main.command(name="export")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Detector weights (.safetensors); default: the shipped model.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for global.onnx, local_fuser.onnx and export.json.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="torch.onnx exporter (torchscript: PyTorch's deprecated one, no onnxscript needed).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check ONNX Runtime against PyTorch on random inputs and print the parity report.")
+def export_cmd(model_path, out_dir, opset, exporter, verify):
+    """Export the detector as two ONNX graphs (global; local+fuser) for onnxruntime and TensorRT."""
+    from scanner.export import export_onnx, verify_onnx
+    from scanner.weights import load_detector
+
+    model, info = load_detector(model_path)
+    result = export_onnx(model, info, out_dir, opset=opset, exporter=exporter)
+    click.echo(f"exported {info.model_id} (opset {opset}, {exporter}) -> {result.out_dir}", err=True)
+    if verify:
+        report = verify_onnx(result.out_dir, model)
+        click.echo(report.format())
+        if not report.ok:
+            click.echo("scanner: ONNX Runtime does not match PyTorch within tolerance; do not serve this export", err=True)
+            sys.exit(1)
 
 
 @main.command()

@@ -1,0 +1,132 @@
+"""Inference backends behind one contract (DESIGN.md section 2, "Engines").
+
+A runner is what scanner.inference calls: `runner.eval()` and `runner(images) -> DetectorOutput`
+with `.logits` (B,) and `.boxes` (B, K, 4) int64, for a list of uint8 (3, H_i, W_i) images.
+
+    torch        the Detector itself (CPU; the reference)
+    onnxruntime  the two exported graphs in ONNX Runtime (CPU; the export's parity oracle)
+    tensorrt     TensorRT engines (CUDA GPU; scanner.backends.tensorrt_backend)
+
+`auto` picks by measurement, not by assumption (see resolve_auto). Optional libraries (onnxruntime,
+tensorrt) are imported only when their backend is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from scanner.errors import ScannerError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+CHOICES = ("auto", *BACKENDS)
+
+# CPU ordering measured by compare_backends (scanner/backends/compare.py): default model
+# (EfficientNet-Lite0), 64 dev-set JPEGs (256x256), batch 16, 2 threads, 2-core machine, backends
+# alternating in one process: onnxruntime 2.8-3.5x torch's images/s (MEASURED_CPU there).
+CPU_PREFERENCE = ("onnxruntime", "torch")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _engines_built(engines_dir) -> bool:
+    """A folder with NAME.global.engine in it, or one engine set given as OUT/NAME or its file."""
+    if engines_dir is None:
+        return False
+    path = Path(engines_dir)
+    if path.is_dir():
+        return any(path.glob("*.global.engine"))
+    return path.is_file() or path.with_name(path.name + ".global.engine").is_file()
+
+
+def available_backends(engines_dir=None) -> list[str]:
+    """Backends whose libraries (and, for tensorrt, GPU and built engines) are present here."""
+    found = ["torch"]
+    if _importable("onnxruntime"):
+        found.append("onnxruntime")
+    if _tensorrt_missing(engines_dir) == []:
+        found.append("tensorrt")
+    return found
+
+
+def resolve_auto(engines_dir=None) -> str:
+    """tensorrt with a CUDA GPU and built engines; else the faster CPU backend as measured here
+    (CPU_PREFERENCE) among those installed."""
+    available = available_backends(engines_dir)
+    if "tensorrt" in available:
+        return "tensorrt"
+    return next(name for name in CPU_PREFERENCE if name in available)
+
+
+def load_backend(name: str, model_path=None, *, threads: int | None = None, engines_dir=None, cache_dir=None):
+    """(runner, ModelInfo) for backend `name` (one of CHOICES) and the weights at `model_path`.
+
+    model_path: .safetensors weights (default: the shipped model); for onnxruntime also an export
+    folder. threads: intra-op threads (default: torch's count). engines_dir: TensorRT engines.
+    cache_dir: root of the ONNX export cache (default: $XDG_CACHE_HOME/scanner/onnx).
+    """
+    if name not in CHOICES:
+        raise ScannerError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
+    chosen = resolve_auto(engines_dir) if name == "auto" else name
+    if chosen == "torch":
+        runner, info = _load_torch(model_path, threads)
+    elif chosen == "onnxruntime":
+        from scanner.backends.onnxruntime_backend import load_onnxruntime
+
+        runner, info = load_onnxruntime(model_path, threads=threads, cache_dir=cache_dir)
+    else:
+        runner, info = _load_tensorrt(model_path, engines_dir)
+    log.info("backend: %s%s, model %s", chosen, " (auto)" if name == "auto" else "", info.model_id)
+    return runner, info
+
+
+def _load_torch(model_path, threads: int | None):
+    import torch
+
+    from scanner.export import is_export_dir
+    from scanner.weights import load_detector
+
+    if is_export_dir(model_path):
+        raise ScannerError(f"{str(model_path)!r} is an ONNX export; the torch backend needs the .safetensors "
+                           "weights (or use --backend onnxruntime)")
+    if threads:
+        torch.set_num_threads(threads)
+    return load_detector(model_path)
+
+
+def _tensorrt_missing(engines_dir) -> list[str]:
+    """What the tensorrt backend lacks here, each as a short phrase; [] when it can run."""
+    missing = []
+    if not _cuda():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+    if not _importable("tensorrt"):
+        missing.append("the tensorrt package (pip install 'scanner[gpu]')")
+    if not _engines_built(engines_dir):
+        where = f"in {str(engines_dir)!r}" if engines_dir is not None else "(--engines DIR)"
+        missing.append(f"built engines {where}: python build_engine.py --model WEIGHTS --recipe engines/NAME.yaml")
+    if not _importable("scanner.backends.tensorrt_backend"):
+        missing.append("scanner.backends.tensorrt_backend (not in this build)")
+    return missing
+
+
+def _load_tensorrt(model_path, engines_dir):
+    missing = _tensorrt_missing(engines_dir)
+    if missing:
+        raise ScannerError(f"the tensorrt backend needs {'; '.join(missing)}; use --backend onnxruntime or torch here")
+    from scanner.backends.tensorrt_backend import load_tensorrt
+
+    return load_tensorrt(model_path, engines_dir)
