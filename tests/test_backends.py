@@ -107,6 +107,7 @@ def test_unknown_backend_is_a_user_error():
 
 
 def test_missing_onnxruntime_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(backends, "_cuda", lambda: False)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     with pytest.raises(ScannerError, match=r"pip install 'scanner\[onnx\]'"):
         load_backend("onnxruntime", tiny_weights())
@@ -124,16 +125,18 @@ def test_tensorrt_without_gpu_names_what_is_missing(tmp_path):
     assert "tensorrt" not in available_backends(tmp_path)
 
 
-def test_auto_prefers_tensorrt_then_the_measured_cpu_order(monkeypatch, tmp_path):
+def test_auto_prefers_tensorrt_then_cuda_then_the_measured_cpu_order(monkeypatch, tmp_path):
+    monkeypatch.setattr(backends, "_cuda", lambda: False)
     assert resolve_auto() == "onnxruntime"  # measured faster than torch on the CPU (compare.py)
     (tmp_path / "lite0_fp16.global.engine").write_bytes(b"plan")
     monkeypatch.setattr(backends, "_cuda", lambda: True)
     monkeypatch.setattr(backends, "_importable", lambda module: True)
     assert resolve_auto(tmp_path) == "tensorrt"
-    assert resolve_auto(tmp_path / "empty") == "onnxruntime"  # GPU, but no engines built
+    assert resolve_auto(tmp_path / "empty") == "torch"  # GPU, but no engines built: the torch CUDA runner
 
 
-def test_auto_loads_and_logs_its_choice_once(caplog):
+def test_auto_loads_and_logs_its_choice_once(caplog, monkeypatch):
+    monkeypatch.setattr(backends, "_cuda", lambda: False)  # the CPU choice, also on a GPU machine
     with caplog.at_level(logging.INFO, logger="scanner.backends"):
         runner, _ = load_backend("auto", tiny_export())
     assert isinstance(runner, OnnxRuntimeDetector)

@@ -3,7 +3,8 @@
 A runner is what scanner.inference calls: `runner.eval()` and `runner(images) -> DetectorOutput`
 with `.logits` (B,) and `.boxes` (B, K, 4) int64, for a list of uint8 (3, H_i, W_i) images.
 
-    torch        the Detector itself (CPU; the reference)
+    torch        the Detector itself on the CPU (the reference); on a CUDA GPU the torch CUDA runner
+                 (scanner.backends.torch_cuda: fp16, CUDA kernels for PSM and crop-resize)
     onnxruntime  the two exported graphs in ONNX Runtime (CPU; the export's parity oracle)
     tensorrt     TensorRT engines (CUDA GPU; scanner.backends.tensorrt_backend)
 
@@ -64,11 +65,13 @@ def available_backends(engines_dir=None) -> list[str]:
 
 
 def resolve_auto(engines_dir=None) -> str:
-    """tensorrt with a CUDA GPU and built engines; else the faster CPU backend as measured here
-    (CPU_PREFERENCE) among those installed."""
+    """tensorrt with a CUDA GPU and built engines; else torch on a CUDA GPU; else the faster CPU
+    backend as measured here (CPU_PREFERENCE) among those installed."""
     available = available_backends(engines_dir)
     if "tensorrt" in available:
         return "tensorrt"
+    if _cuda():
+        return "torch"
     return next(name for name in CPU_PREFERENCE if name in available)
 
 
@@ -105,6 +108,10 @@ def _load_torch(model_path, threads: int | None):
                            "weights (or use --backend onnxruntime)")
     if threads:
         torch.set_num_threads(threads)
+    if _cuda():
+        from scanner.backends.torch_cuda import load_torch_cuda
+
+        return load_torch_cuda(model_path)
     return load_detector(model_path)
 
 
