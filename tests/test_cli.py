@@ -65,7 +65,8 @@ def test_run_writes_one_line_per_file(tmp_path, weights):
     data = _dataset(tmp_path / "data")
     (data / "gan_a" / "0_real" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "results.jsonl"
-    result = CliRunner().invoke(cli.main, ["run", str(data), "--out", str(out), "--model", str(weights), "--quiet"])
+    result = CliRunner().invoke(cli.main, ["run", str(data), "--out", str(out), "--model", str(weights), "--quiet",
+                                           "--backend", "torch"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 13

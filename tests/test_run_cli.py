@@ -50,7 +50,7 @@ def images(tmp_path_factory):
 
 
 def run_cli(args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", "run", *map(str, args)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "cli", "run", "--backend", "torch", *map(str, args)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -70,7 +70,7 @@ def records(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(images, weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref.jsonl"
-    result = CliRunner().invoke(cli.main, ["run", str(images), "--out", str(out), "--model", str(weights),
+    result = CliRunner().invoke(cli.main, ["run", "--backend", "torch", str(images), "--out", str(out), "--model", str(weights),
                                            "--batch-size", "2", "--quiet"])
     assert result.exit_code == 0, result.output
     return records(out)
@@ -154,7 +154,7 @@ def test_exit_codes_summary_and_lock(images, weights, reference, tmp_path):
     runner = CliRunner()
     out = tmp_path / "r.jsonl"
     summary = tmp_path / "s" / "summary.json"
-    base = [str(images), "--out", str(out), "--model", str(weights), "--quiet"]
+    base = [str(images), "--out", str(out), "--model", str(weights), "--quiet", "--backend", "torch"]
     result = runner.invoke(cli.main, ["run", *base, "--max-errors", "1", "--summary-json", str(summary)])
     assert result.exit_code == 3, result.output  # done, but 2 errors > 1
     assert "more than --max-errors 1" in result.output
@@ -185,7 +185,7 @@ def test_from_list_on_stdin_and_parquet(images, weights, reference, tmp_path):
     listed = sorted(str(p) for p in images.rglob("*.png"))[:5]
     out = tmp_path / "r.parquet"
     result = CliRunner().invoke(
-        cli.main, ["run", "--from-list", "-", "--out", str(out), "--model", str(weights), "--format", "parquet",
+        cli.main, ["run", "--backend", "torch", "--from-list", "-", "--out", str(out), "--model", str(weights), "--format", "parquet",
                    "--quiet"], input="\n".join(listed) + "\n# a comment\n\n")
     assert result.exit_code == 0, result.output
     rows = pq.read_table(out).to_pylist()
