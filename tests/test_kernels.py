@@ -42,6 +42,7 @@ from scanner.crop_resize import crop_resize
 from scanner.errors import ScannerError
 from scanner.model import Detector
 from scanner.psm import psm_boxes
+from tests.test_psm import _random_sizes  # the same size mix as the reference's own tests
 
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -449,19 +450,6 @@ def test_half_and_bfloat16_conversions_match_torch(host_libs):
 
 
 # -- PSM ---------------------------------------------------------------------------------------------
-
-
-def _random_side(g: torch.Generator) -> int:
-    kind = int(torch.randint(0, 6, (1,), generator=g))
-    lo, hi = [(1, 20), (20, 112), (112, 225), (225, 1200), (1200, 5000), (5000, 30001)][kind]
-    return int(torch.randint(lo, hi, (1,), generator=g))
-
-
-def _random_sizes(g: torch.Generator, batch: int) -> torch.Tensor:
-    sizes = torch.tensor([[_random_side(g), _random_side(g)] for _ in range(batch)], dtype=torch.long)
-    square = torch.rand(batch, generator=g) < 0.2
-    sizes[square, 1] = sizes[square, 0]
-    return sizes
 
 
 def _random_fmap(g: torch.Generator, shape, kind: int) -> torch.Tensor:
