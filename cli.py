@@ -92,6 +92,10 @@ Exit codes:
               "pip install 'scanner[onnx]'; its first run exports the model once, about a minute).")
 @click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None,
               help="TensorRT engines (folder from build_engine.py), for the tensorrt backend.")
+@click.option("--loader", type=click.Choice(["auto", "cpu", "dali"]), default="auto", show_default=True,
+              help="Image decoding; dali: JPEGs decoded in batches by NVIDIA DALI (nvJPEG on a GPU; CPU mode "
+              "without one), other formats on the CPU (pip install 'scanner[dali]'); cpu: decode threads "
+              "(--workers); auto: dali with a CUDA GPU and DALI installed, else cpu.")
 @click.option("--threshold", type=float, default=None,
               help="Score at or above which the label is synthetic; default: the model's calibrated threshold.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, help="Refuse larger images (decompression bombs).")
@@ -99,8 +103,8 @@ Exit codes:
 @click.option("--max-errors", type=int, default=None, help="Exit with code 3 if this run writes more error records than this.")
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None, help="Also write the final summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, threads, backend, engines_dir, threshold,
-        max_pixels, downscale_large, max_errors, summary_json, quiet):
+def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, threads, backend, engines_dir, loader,
+        threshold, max_pixels, downscale_large, max_errors, summary_json, quiet):
     """Scan INPUTS (directories, image files, tar/zip/webdataset shards, URLs) and write one record per
     image to --out."""
     import json
@@ -109,6 +113,7 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
 
     from scanner.backends import load_backend
     from scanner.errors import ScannerError
+    from scanner.loaders import resolve_loader
     from scanner.prepare import DecodeOptions
     from scanner.scan import ScanOptions, scan
     from scanner.sources import expected_total
@@ -116,7 +121,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
     if not inputs and from_list is None:
         raise ScannerError("nothing to scan: pass directories, files or URLs, or --from-list FILE")
     options = ScanOptions(batch_size=batch_size, workers=workers, threshold=threshold, fmt=fmt, force=force,
-                          decode=DecodeOptions(max_pixels=max_pixels, downscale_large=downscale_large))
+                          decode=DecodeOptions(max_pixels=max_pixels, downscale_large=downscale_large),
+                          loader=resolve_loader(loader))
     options.validate()
     _threads(threads)
     if quiet:

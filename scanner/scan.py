@@ -9,6 +9,15 @@ per item, errors at their position; items already in the output (resume) are ski
 files that are not images (scanner.sources.sniff). `workers=0` runs every stage on this thread, one
 after the other: the reference the overlap is measured against.
 
+Loaders (`ScanOptions.loader`, scanner.loaders). With "cpu" (the default) the workers decode, as
+above. With "dali" the workers read, hash and parse the header only; plain JPEGs keep their bytes
+(Prepared.encoded) and the loader decodes them a batch at a time with NVIDIA DALI right before
+inference (on the GPU, straight into device memory), while every other file is decoded by the worker
+as before and waits in its place. A JPEG that DALI refuses is handed to the CPU decoder, so records,
+order, resume and error semantics are the same with either loader:
+
+    enumerate -> read + sha256 + header (+ decode non-JPEGs) -> batches -> DALI decode -> model -> write
+
 Stopping (`stop` event, set by SIGINT/SIGTERM in the CLI): no new items are taken, the batch being
 assembled is scored and written, the output is synced, and the summary says `interrupted`. Items
 that were read but not written are simply scanned again by the next run.
@@ -30,6 +39,8 @@ import torch
 from scanner.errors import ScannerError
 from scanner.idset import IdSet
 from scanner.inference import BatchRunner
+from scanner.loaders import CHOICES as LOADER_CHOICES
+from scanner.loaders import make_loader, model_device, resolve_loader
 from scanner.prepare import DecodeOptions, Prepared, prepare
 from scanner.progress import ScanProgress
 from scanner.sources import iter_sources
@@ -49,6 +60,7 @@ class ScanOptions:
     fmt: str = "jsonl"
     force: bool = False  # start over instead of resuming
     fsync_interval: float = 5.0
+    loader: str = "cpu"  # "cpu" | "dali" | "auto" (scanner.loaders.resolve_loader)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -59,6 +71,8 @@ class ScanOptions:
             raise ScannerError(f"max pixels is {self.decode.max_pixels}; expected a positive integer")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ScannerError(f"threshold is {self.threshold}; expected a probability in [0, 1]")
+        if self.loader not in LOADER_CHOICES:
+            raise ScannerError(f"loader is {self.loader!r}; expected one of {', '.join(LOADER_CHOICES)}")
 
 
 @dataclass
@@ -206,17 +220,22 @@ def scan(inputs, out_path, model, info, *, from_list: str | None = None, options
         inputs = [inputs]
     items = iter_sources([os.fspath(i) for i in inputs], from_list=from_list, max_bytes=options.decode.max_bytes)
     workers = default_workers() if options.workers is None else options.workers
+    loader_name = resolve_loader(options.loader)
+    loader = None if loader_name == "cpu" else make_loader(loader_name, model_id=info.model_id, options=options.decode,
+                                                          batch_size=options.batch_size, device=model_device(model))
     stop = stop or threading.Event()
     model.eval()
     with ResultStore(out_path, fmt=options.fmt, force=options.force, model_id=info.model_id,
                      fsync_interval=options.fsync_interval) as store:
-        return _Scan(model, info.model_id, threshold, options, workers, stop).run(items, store, console, total)
+        return _Scan(model, info.model_id, threshold, options, workers, stop, loader).run(items, store, console,
+                                                                                           total)
 
 
 class _Scan:
     def __init__(self, model, model_id: str, threshold: float, options: ScanOptions, workers: int,
-                 stop: threading.Event):
+                 stop: threading.Event, loader=None):
         self.runner = BatchRunner(model, model_id, threshold)
+        self.loader = loader  # None: the workers decode every file (the CPU loader)
         self.model_id = model_id
         self.options = options
         self.workers = workers
@@ -262,9 +281,9 @@ class _Scan:
                 if item is _END:
                     exhausted = True
                 elif pool is not None:
-                    window.append(pool.submit(prepare, item, self.model_id, decode_options))
+                    window.append(pool.submit(prepare, item, self.model_id, decode_options, self.loader))
                 else:
-                    window.append(_Immediate(prepare, item, self.model_id, decode_options))
+                    window.append(_Immediate(prepare, item, self.model_id, decode_options, self.loader))
                     break  # one at a time: no read-ahead without overlap
             if feed.skipped_done > skipped_before:  # resumed items count towards the total
                 progress.advance(feed.skipped_done - skipped_before)
@@ -288,11 +307,16 @@ class _Scan:
         if p.image is not None:
             self.batch.append(p)
             self.batch_pixels += p.image.shape[1] * p.image.shape[2]
+        elif p.encoded is not None:  # decoded by the loader with its batch
+            self.batch.append(p)
+            self.batch_pixels += p.width * p.height
 
     def _run_batch(self, writer: _Writer) -> None:
+        if self.batch and self.loader is not None:
+            self.batch = self.loader.load(self.batch)  # files it cannot decode have their error records now
         if self.batch:
             self.runner.run(self.batch)
-            self.batch, self.batch_pixels = [], 0
+        self.batch, self.batch_pixels = [], 0
         self._emit(writer)
 
     def _emit(self, writer: _Writer) -> None:
