@@ -71,10 +71,24 @@ Exit codes:
 """
 
 
+def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
+    """`--ray` takes an optional value, so in `--ray DIR ...` click reads the first input as the address:
+    a value that is not one (local, auto, ray://..., HOST:PORT) goes back to the inputs."""
+    import re
+
+    if value in ("local", "auto") or value.startswith("ray://") or re.fullmatch(r"[\w.-]+:\d+", value):
+        return inputs, value
+    return (value, *inputs), "local"
+
+
 @main.command(epilog=RUN_EPILOG)
 @click.argument("inputs", nargs=-1)
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
-              help="Results file; rerunning with the same file resumes (skips ids already in it).")
+              help="Results file; rerunning with the same file resumes (skips ids already in it). With --ray: "
+                   "a directory of parts plus manifest.json (one file: `scanner merge DIR --out FILE`).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Scan on a Ray cluster (pip install 'scanner[dist]'): no value starts a local Ray, `auto` attaches "
+                   "to the cluster of this node, ray://HOST:10001 connects a client. See README, 'Scaling out'.")
 @click.option("--from-list", "from_list", default=None, help="A file of paths or URLs to scan, one per line ('-': stdin).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
               help="Output format (parquet needs pyarrow: pip install 'scanner[parquet]').")
@@ -104,7 +118,7 @@ Exit codes:
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None, help="Also write the final summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, threads, backend, engines_dir, loader,
-        threshold, max_pixels, downscale_large, max_errors, summary_json, quiet):
+        threshold, max_pixels, downscale_large, max_errors, summary_json, quiet, ray_address):
     """Scan INPUTS (directories, image files, tar/zip/webdataset shards, URLs) and write one record per
     image to --out."""
     import json
@@ -118,6 +132,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
     from scanner.scan import ScanOptions, scan
     from scanner.sources import expected_total
 
+    if ray_address is not None:
+        inputs, ray_address = _ray_inputs(inputs, ray_address)
     if not inputs and from_list is None:
         raise ScannerError("nothing to scan: pass directories, files or URLs, or --from-list FILE")
     options = ScanOptions(batch_size=batch_size, workers=workers, threshold=threshold, fmt=fmt, force=force,
@@ -127,7 +143,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
     _threads(threads)
     if quiet:
         logging.getLogger("scanner").setLevel(logging.WARNING)
-    model, info = load_backend(backend, model_path, threads=threads, engines_dir=engines_dir)
+    if ray_address is None:  # with --ray every actor loads its own
+        model, info = load_backend(backend, model_path, threads=threads, engines_dir=engines_dir)
     total = expected_total(inputs, from_list)
     stop = threading.Event()
     received: list[int] = []
@@ -141,21 +158,29 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        summary = scan(list(inputs), out, model, info, from_list=from_list, options=options,
-                       console=None if quiet else _console(), stop=stop, total=total)
+        if ray_address is not None:
+            from scanner.distributed import scan_ray
+
+            summary = scan_ray(list(inputs), out, from_list=from_list, address=ray_address, model_path=model_path,
+                               backend=backend, engines_dir=engines_dir, options=options, threads=threads,
+                               console=None if quiet else _console(), stop=stop, total=total)
+        else:
+            summary = scan(list(inputs), out, model, info, from_list=from_list, options=options,
+                           console=None if quiet else _console(), stop=stop, total=total)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    model_id = summary.model if ray_address is not None else info.model_id
     kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.errors_by_kind.items()))
     click.echo(
         f"scanned {summary.scanned} files ({summary.errors} errors{': ' + kinds if kinds else ''}), "
         f"skipped {summary.skipped_done} already done and {summary.not_images} not images, "
-        f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} files/s, model {info.model_id} -> {out}",
+        f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} files/s, model {model_id} -> {out}",
         err=True,
     )
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps({**summary.to_json(), "out": str(out), "model": info.model_id}, indent=2)
+        summary_json.write_text(json.dumps({**summary.to_json(), "out": str(out), "model": model_id}, indent=2)
                                 + "\n")
     if received:
         click.echo("scanner: interrupted; rerun the same command to resume", err=True)
@@ -163,6 +188,22 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
     if max_errors is not None and summary.errors > max_errors:
         click.echo(f"scanner: {summary.errors} error records, more than --max-errors {max_errors}", err=True)
         sys.exit(3)
+
+
+@main.command(name="merge")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="The single results file: JSONL, or Parquet when it ends in .parquet or with --format parquet.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default=None,
+              help="Output format (default: from the --out suffix; parquet needs pip install 'scanner[parquet]').")
+def merge(out_dir, out, fmt):
+    """Merge the parts of a distributed scan (`scanner run --ray ... --out OUT_DIR`) into one file, each id
+    once, streamed."""
+    from scanner.parts import merge_parts
+
+    summary = merge_parts(out_dir, out, fmt)
+    dropped = f"; dropped {summary.duplicates} repeated ids" if summary.duplicates else ""
+    click.echo(f"merged {summary.records} records from {summary.parts} parts{dropped} -> {out}", err=True)
 
 
 @main.command()
