@@ -39,12 +39,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    # Two CPUs on the loopback interface, no dashboard: one inference actor of two CPUs. Blocks of
+    # Two CPUs and no GPU (so the actors run the same CPU model as the local reference, also on a GPU
+    # machine) on the loopback interface, no dashboard: one inference actor of two CPUs. Blocks of
     # about 1 KiB (a few items) and chunks of 8, so this small corpus streams in several blocks.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distributed, "CHUNK_ITEMS", 8)
         mp.setattr(distributed, "FEED_BLOCK_BYTES", 1024)
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
         yield
         ray.shutdown()
 
