@@ -57,16 +57,50 @@ def read_parquet_ids(path: str, model_id: str | None, done: IdSet) -> None:
         done.add_new(batch.column("id").to_pylist())
 
 
+def to_table(rows: list[dict], schema, hint: str):
+    """An Arrow table of records; an id that is not valid UTF-8 (a file name in another encoding) cannot
+    be a Parquet string: a ScannerError saying so, with `hint` on what to do instead."""
+    pa = require_pyarrow()
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except UnicodeEncodeError:
+        bad = next(r["id"] for r in rows if not _is_utf8(r["id"]))
+        raise ScannerError(f"id {bad!r} is not valid UTF-8 (a file name in another encoding), which Parquet "
+                           f"strings must be; {hint}") from None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def merge_journal(journal: str, path: str) -> None:
-    """Rewrite `path` as its old rows plus the journal's records, atomically, then drop the journal."""
-    require_pyarrow()
+    """Rewrite `path` as its old rows plus the journal's records, atomically, then drop the journal.
+    On failure the journal stays (the next run resumes from it) and `path` is untouched."""
+    schema = arrow_schema()
+    tmp = path + ".tmp"
+    hint = f"the records are kept in {journal!r}; scan to JSONL instead (--format jsonl)"
+    try:
+        _write_merged(journal, path, tmp, schema, hint)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    os.unlink(journal)
+
+
+def _write_merged(journal: str, path: str, tmp: str, schema, hint: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from scanner.store import iter_records
 
-    schema = arrow_schema()
-    tmp = path + ".tmp"
     with pq.ParquetWriter(tmp, schema) as writer:
         if os.path.exists(path):
             for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_GROUP):
@@ -75,11 +109,7 @@ def merge_journal(journal: str, path: str) -> None:
         for record in iter_records(journal):
             rows.append({key: record[key] for key in KEYS})
             if len(rows) >= ROWS_PER_GROUP:
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                writer.write_table(to_table(rows, schema, hint))
                 rows = []
         if rows:
-            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    os.unlink(journal)
+            writer.write_table(to_table(rows, schema, hint))

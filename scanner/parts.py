@@ -273,35 +273,19 @@ def merge_parts(out_dir, out, fmt: str | None = None) -> MergeSummary:
 
 
 def _write_parquet(records: Iterable[dict], path: str) -> None:
-    from scanner.parquet import ROWS_PER_GROUP, arrow_schema, require_pyarrow
+    from scanner.parquet import ROWS_PER_GROUP, arrow_schema, require_pyarrow, to_table
 
-    pa = require_pyarrow()
+    require_pyarrow()
     import pyarrow.parquet as pq
 
     schema = arrow_schema()
-
-    def table(rows: list[dict]):
-        try:
-            return pa.Table.from_pylist(rows, schema=schema)
-        except UnicodeEncodeError:
-            bad = next(r["id"] for r in rows if not _utf8(r["id"]))
-            raise ScannerError(f"id {bad!r} is not valid UTF-8 (a file name in another encoding); Parquet strings "
-                               f"must be: merge to JSONL instead (--out FILE.jsonl)") from None
-
+    hint = "merge to JSONL instead (--out FILE.jsonl)"
     rows: list[dict] = []
     with pq.ParquetWriter(path, schema) as writer:
         for record in records:
             rows.append({key: record[key] for key in KEYS})
             if len(rows) >= ROWS_PER_GROUP:
-                writer.write_table(table(rows))
+                writer.write_table(to_table(rows, schema, hint))
                 rows = []
         if rows:
-            writer.write_table(table(rows))
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+            writer.write_table(to_table(rows, schema, hint))

@@ -141,6 +141,19 @@ def test_parquet_journal_resume_and_merge(tmp_path):
     assert len(pq.read_table(out)) == 0
 
 
+def test_parquet_refuses_an_id_that_is_not_utf8_and_keeps_the_journal(tmp_path):
+    pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
+    out = tmp_path / "r.parquet"
+    bad = error_record("img/\udcff.jpg", None, "decode", "broken", "m@1")  # a non-UTF-8 file name
+    with pytest.raises(ScannerError, match="not valid UTF-8.*--format jsonl"):
+        with ResultStore(out, fmt="parquet", model_id="m@1") as store:
+            store.write([rec(0), bad])
+    journal = tmp_path / "r.parquet.journal.jsonl"
+    assert [r["id"] for r in iter_records(journal)] == ["img/0.jpg", "img/\udcff.jpg"]  # nothing lost
+    assert not out.exists() and not (tmp_path / "r.parquet.tmp").exists()
+    assert not (tmp_path / "r.parquet.lock").exists()
+
+
 def test_unknown_format(tmp_path):
     with pytest.raises(ScannerError, match="not one of jsonl, parquet"):
         ResultStore(tmp_path / "r", fmt="csv")
