@@ -69,6 +69,18 @@ def to_table(rows: list[dict], schema, hint: str):
                            f"strings must be; {hint}") from None
 
 
+def write_records(writer, records, schema, hint: str) -> None:
+    """Append records to a ParquetWriter in row groups of ROWS_PER_GROUP (never all in memory)."""
+    rows: list[dict] = []
+    for record in records:
+        rows.append({key: record[key] for key in KEYS})
+        if len(rows) >= ROWS_PER_GROUP:
+            writer.write_table(to_table(rows, schema, hint))
+            rows = []
+    if rows:
+        writer.write_table(to_table(rows, schema, hint))
+
+
 def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -105,11 +117,4 @@ def _write_merged(journal: str, path: str, tmp: str, schema, hint: str) -> None:
         if os.path.exists(path):
             for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_GROUP):
                 writer.write_table(pa.Table.from_batches([batch]).cast(schema))
-        rows: list[dict] = []
-        for record in iter_records(journal):
-            rows.append({key: record[key] for key in KEYS})
-            if len(rows) >= ROWS_PER_GROUP:
-                writer.write_table(to_table(rows, schema, hint))
-                rows = []
-        if rows:
-            writer.write_table(to_table(rows, schema, hint))
+        write_records(writer, iter_records(journal), schema, hint)

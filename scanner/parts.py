@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from scanner.errors import ScannerError
 from scanner.idset import IdSet
-from scanner.results import KEYS, SCHEMA_VERSION, dumps
+from scanner.results import SCHEMA_VERSION, dumps
 from scanner.store import OutputLock, iter_records, read_done_ids
 
 MANIFEST = "manifest.json"
@@ -273,19 +273,11 @@ def merge_parts(out_dir, out, fmt: str | None = None) -> MergeSummary:
 
 
 def _write_parquet(records: Iterable[dict], path: str) -> None:
-    from scanner.parquet import ROWS_PER_GROUP, arrow_schema, require_pyarrow, to_table
+    from scanner.parquet import arrow_schema, require_pyarrow, write_records
 
     require_pyarrow()
     import pyarrow.parquet as pq
 
     schema = arrow_schema()
-    hint = "merge to JSONL instead (--out FILE.jsonl)"
-    rows: list[dict] = []
     with pq.ParquetWriter(path, schema) as writer:
-        for record in records:
-            rows.append({key: record[key] for key in KEYS})
-            if len(rows) >= ROWS_PER_GROUP:
-                writer.write_table(to_table(rows, schema, hint))
-                rows = []
-        if rows:
-            writer.write_table(to_table(rows, schema, hint))
+        write_records(writer, records, schema, "merge to JSONL instead (--out FILE.jsonl)")
