@@ -1,0 +1,144 @@
+"""Whole-scan check on a CUDA machine: `scanner run` on the GPU against the CPU reference, same images.
+
+    PYTHONPATH=. python bench/gpu_scan_check.py --images 256 --work /tmp/gpucheck --json scan_gpu.json
+
+Writes --images JPEGs of mixed sizes (smooth gradients plus noise, a few with EXIF orientation), then:
+1. nvJPEG (scanner.backends.torch_cuda.decode_jpeg_cuda) against the CPU decoder, pixel by pixel;
+2. `scanner run --backend torch` with the GPU visible (the torch_cuda runner, fp16) and with it
+   hidden (CUDA_VISIBLE_DEVICES='', the float32 CPU detector), each timed by its --summary-json;
+3. compares the two outputs record by record: same ids, labels, score differences, patch boxes.
+Prints one table and writes every figure to --json. Exit status 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = [(256, 256), (480, 640), (768, 1024), (1080, 1920), (3000, 4000)]
+SHARES = [0.2, 0.3, 0.3, 0.15, 0.05]
+
+
+def write_one(args: tuple[Path, int, int]) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder, i, seed = args
+    rng = np.random.default_rng([seed, i])
+    h, w = SHAPES[rng.choice(len(SHAPES), p=SHARES)]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
+    noise = rng.standard_normal(base.shape, dtype=np.float32) * (12 + 20 * rng.random())
+    img = np.clip(base + noise, 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    if i % 17 == 0:
+        exif[0x0112] = 6  # rotated 90: the orientation path must match the CPU's
+    path = folder / f"img_{i:05d}.jpg"
+    Image.fromarray(img).save(path, quality=int(rng.integers(70, 96)), exif=exif)
+    return path
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    from multiprocessing import Pool
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with Pool(os.cpu_count()) as pool:
+        return pool.map(write_one, [(folder, i, seed) for i in range(n)])
+
+
+def check_nvjpeg(paths: list[Path]) -> dict:
+    import torch
+
+    from scanner.backends.torch_cuda import decode_jpeg_cuda
+    from scanner.decode import decode
+
+    datas = [p.read_bytes() for p in paths]
+    gpu = decode_jpeg_cuda(datas)
+    worst, mean_sum, failed, shape_bad = 0, 0.0, 0, 0
+    for data, got in zip(datas, gpu):
+        if isinstance(got, Exception):
+            failed += 1
+            continue
+        ref = decode(data).image
+        if tuple(got.shape) != tuple(ref.shape):
+            shape_bad += 1
+            continue
+        diff = (got.cpu().int() - ref.int()).abs()
+        worst = max(worst, int(diff.max()))
+        mean_sum += float(diff.float().mean())
+    torch.cuda.synchronize()
+    return {"images": len(datas), "failed": failed, "shape_mismatch": shape_bad, "max_abs_diff": worst,
+            "mean_abs_diff": mean_sum / max(1, len(datas) - failed - shape_bad)}
+
+
+def run_scan(folder: Path, out: Path, gpu: bool, batch: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    summary = out.with_suffix(".summary.json")
+    cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(folder), "--out", str(out), "--force", "--quiet",
+           "--backend", "torch", "--batch-size", str(batch), "--summary-json", str(summary)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"scan ({'gpu' if gpu else 'cpu'}) exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return {"wall_s": wall, "summary": json.loads(summary.read_text()), "stderr_tail": proc.stderr[-1500:]}
+
+
+def compare(gpu_out: Path, cpu_out: Path) -> dict:
+    def load(path):
+        return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+    g, c = load(gpu_out), load(cpu_out)
+    common = sorted(set(g) & set(c))
+    diffs = [abs(g[i]["score"] - c[i]["score"]) for i in common if g[i].get("error") is None]
+    labels = sum(g[i]["label"] == c[i]["label"] for i in common)
+    boxes = sum(g[i]["patches"] == c[i]["patches"] for i in common)
+    return {"gpu_records": len(g), "cpu_records": len(c), "same_ids": set(g) == set(c),
+            "errors": sum(r.get("error") is not None for r in g.values()),
+            "max_score_diff": max(diffs, default=None), "mean_score_diff": sum(diffs) / max(1, len(diffs)),
+            "label_agreement": labels / max(1, len(common)), "boxes_equal": boxes / max(1, len(common))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--work", default="/tmp/gpu_scan_check")
+    parser.add_argument("--json", default="scan_gpu.json")
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    paths = write_images(work / "images", args.images)
+    report = {"images": args.images, "generate_s": time.perf_counter() - t0}
+    report["nvjpeg"] = check_nvjpeg(paths)
+    report["gpu_scan"] = run_scan(work / "images", work / "gpu.jsonl", True, args.batch_size)
+    report["cpu_scan"] = run_scan(work / "images", work / "cpu.jsonl", False, args.batch_size)
+    report["compare"] = cmp = compare(work / "gpu.jsonl", work / "cpu.jsonl")
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+    nv = report["nvjpeg"]
+    print(f"nvJPEG vs CPU decode: {nv['images']} images, {nv['failed']} failed, {nv['shape_mismatch']} shape "
+          f"mismatches, max |diff| {nv['max_abs_diff']}, mean |diff| {nv['mean_abs_diff']:.3f}")
+    for name in ("gpu_scan", "cpu_scan"):
+        s = report[name]
+        print(f"{name}: {s['wall_s']:.1f} s wall, summary {json.dumps(s['summary'])[:300]}")
+    print(f"records: {json.dumps(cmp)}")
+    ok = (cmp["same_ids"] and cmp["errors"] == 0 and cmp["max_score_diff"] is not None
+          and cmp["max_score_diff"] < 0.02 and nv["failed"] == 0 and nv["shape_mismatch"] == 0)
+    print("scan check:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
