@@ -59,12 +59,16 @@ def bench_psm(batches, channels: int, warmup: int, iters: int) -> list[dict]:
     for b in batches:
         fmap = (torch.randn(b, channels, 7, 7, generator=g).relu() * 3).half().cuda()  # an fp16 engine's output
         sizes = random_sizes(g, b, 64, 4000).cuda()
-        if not torch.equal(kernels.psm_boxes(fmap, sizes).long(), psm_boxes(fmap, sizes)):
-            raise SystemExit(f"PSM kernel and reference disagree at batch {b}: run pytest -m gpu tests/test_kernels.py")
+        # The CPU reference is the definition (tests/test_kernels.py). The same code on the GPU can pick
+        # differently where windows are near-tied (torch's CUDA reductions): counted, not fatal.
+        got = kernels.psm_boxes(fmap, sizes).long().cpu()
+        if not torch.equal(got, psm_boxes(fmap.cpu(), sizes.cpu())):
+            raise SystemExit(f"PSM kernel and CPU reference disagree at batch {b}: run pytest -m gpu tests/test_kernels.py")
+        gpu_ref_differs = int((psm_boxes(fmap, sizes).cpu() != got).flatten(1).any(1).sum())
         k = cuda_ms(lambda: kernels.psm_boxes(fmap, sizes), warmup, iters)
         r = cuda_ms(lambda: psm_boxes(fmap, sizes), warmup, iters)
         rows.append({"stage": "psm", "batch": b, "channels": channels, "kernel_ms": k, "reference_ms": r,
-                     "speedup": r / k})
+                     "speedup": r / k, "gpu_reference_images_differ": gpu_ref_differs})
     return rows
 
 
@@ -90,15 +94,16 @@ def bench_crop(batches, warmup: int, iters: int) -> list[dict]:
         def reference():
             return ((crop_resize(chw, boxes, 224).div_(255) - mean) / std).half()
 
-        if not torch.allclose(fast().float(), reference().float(), atol=1e-2, rtol=0):
-            raise SystemExit(f"crop-resize kernel and reference disagree at batch {b}: "
+        # One uint8 level is 1/255/std (up to 0.0175) after normalisation, plus fp16 rounding.
+        diff = float((fast().float() - reference().float()).abs().max())
+        if diff > 0.025:
+            raise SystemExit(f"crop-resize kernel and reference differ by {diff:.4f} at batch {b}: "
                              "run pytest -m gpu tests/test_kernels.py")
         pixels = sum(int(h) * int(w) for h, w in sizes.tolist())
         k = cuda_ms(fast, warmup, iters)
         r = cuda_ms(reference, warmup, iters)
         rows.append({"stage": "crop_resize", "batch": b, "megapixels": pixels / 1e6, "kernel_ms": k, "reference_ms": r,
-                     "speedup": r / k})
-        del hwc, chw
+                     "speedup": r / k, "max_abs_diff": diff})
     return rows
 
 
