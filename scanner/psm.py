@@ -48,7 +48,11 @@ def window_centres(idx: torch.Tensor, fm: int, grid: int, sizes: torch.Tensor) -
     idx: (B, K, 2) (row, col); sizes: (B, 2) (H, W). Returns float64 (B, K, 2) (cy, cx).
     rate = (2*idx + fm - grid + 1) / (2*fm); centre = (size - min(H,W))//2 + min(H,W)*rate.
     """
-    rate = (2 * idx.double() + fm - grid + 1) / (2 * fm)  # (B, K, 2)
+    num = 2 * idx.double() + fm - grid + 1  # (B, K, 2)
+    # Divide by a tensor, not a Python number: on CUDA torch turns division by a scalar into a
+    # multiplication by its reciprocal, which rounds differently and moved boxes by one pixel
+    # against the CPU (seen on an H200). Tensor / tensor is correctly rounded on every device.
+    rate = num / torch.full_like(num, 2 * fm)
     side = sizes.min(dim=1).values.double()[:, None, None]  # (B, 1, 1)
     offset = torch.div(sizes - sizes.min(dim=1, keepdim=True).values, 2, rounding_mode="floor")  # (B, 2)
     return offset.double()[:, None, :] + side * rate

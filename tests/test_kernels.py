@@ -833,6 +833,20 @@ def test_gpu_runner_matches_the_cpu_detector(cpu_detector, monkeypatch):
 
 @gpu
 @needs_gpu
+def test_reference_psm_on_the_gpu_gives_the_cpu_boxes():
+    """scanner.psm is one function on every device: torch's CUDA division by a Python scalar (a
+    multiplication by its reciprocal) once moved boxes by a pixel against the CPU (H200, 2026-11-26)."""
+    g = torch.Generator().manual_seed(0)
+    fmap = (torch.randn(64, 1280, 7, 7, generator=g).relu() * 3).half()
+    sizes = torch.randint(64, 4000, (64, 2), generator=g)
+    assert torch.equal(psm_boxes(fmap.cuda(), sizes.cuda()).cpu(), psm_boxes(fmap, sizes))
+    fmap = torch.randn(64, 16, 7, 7, generator=g)
+    sizes = torch.randint(1, 3000, (64, 2), generator=g)
+    assert torch.equal(psm_boxes(fmap.cuda(), sizes.cuda()).cpu(), psm_boxes(fmap, sizes))
+
+
+@gpu
+@needs_gpu
 @needs_nvrtc
 def test_gpu_runner_kernels_match_the_reference_path(cpu_detector):
     model, _ = cpu_detector
