@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 
+from scanner import stages
 from scanner.prepare import Prepared
 from scanner.results import error_record, label_for, result_record
 
@@ -37,9 +39,11 @@ class BatchRunner:
         self.succeeded = 0  # images scored so far in this run
 
     def _forward(self, images: list[torch.Tensor]) -> tuple[list[float], torch.Tensor]:
+        start = time.perf_counter()
         with torch.inference_mode():
             out = self.model(images)
         scores = torch.sigmoid(out.logits.float()).cpu().tolist()  # (B,)
+        stages.batch_done(len(images), time.perf_counter() - start)
         return scores, out.boxes.cpu()  # (B, K, 4)
 
     def _record(self, p: Prepared, score: float, boxes: torch.Tensor) -> dict:

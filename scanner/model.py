@@ -13,6 +13,7 @@ from scanner.crop_resize import crop_resize
 from scanner.fusion import AFFM
 from scanner.patches import PatchSelector
 from scanner.preprocess import global_views, image_sizes
+from scanner.stages import stage
 
 
 @dataclass
@@ -63,9 +64,14 @@ class Detector(nn.Module):
 
     def forward(self, images: list[torch.Tensor], need_weights: bool = False) -> DetectorOutput:
         """images: list of uint8 (3, H_i, W_i) full-resolution images."""
-        views = global_views(images, self.cfg.input_size).to(self.head.weight.device)
-        fmap, g = self.global_branch(views)
-        boxes = self.selector(fmap.detach(), image_sizes(images))  # no gradient through selection
-        patches = crop_resize(images, boxes.to(images[0].device), self.cfg.input_size).div_(255)
-        logits, weights = self.local_fusion(patches.to(g.device), g, need_weights)
+        device = self.head.weight.device
+        with stage("global", device):
+            views = global_views(images, self.cfg.input_size).to(device)
+            fmap, g = self.global_branch(views)
+        with stage("psm", device):
+            boxes = self.selector(fmap.detach(), image_sizes(images))  # no gradient through selection
+        with stage("crop_resize", device):
+            patches = crop_resize(images, boxes.to(images[0].device), self.cfg.input_size).div_(255)
+        with stage("local", device):
+            logits, weights = self.local_fusion(patches.to(g.device), g, need_weights)
         return DetectorOutput(logits=logits, boxes=boxes.cpu(), fmap=fmap, attention=weights if need_weights else None)

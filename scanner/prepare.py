@@ -19,6 +19,7 @@ from scanner.decode import DEFAULT_MAX_PIXELS, decode
 from scanner.errors import ItemError
 from scanner.results import error_record
 from scanner.sources import MAX_ITEM_BYTES, Item, read_item
+from scanner.stages import stage
 
 
 @dataclass
@@ -47,11 +48,12 @@ def prepare(item: Item, model_id: str, options: DecodeOptions, loader=None) -> P
     """Read, hash and decode one item (with a batch `loader`, leave the files it routes to itself undecoded)."""
     out = Prepared(item)
     try:
-        data = read_item(item, options.max_bytes)
-        if data is None:
-            out.skip = True
-            return out
-        out.sha256 = hashlib.sha256(data).hexdigest()
+        with stage("read"):  # bytes and their sha256
+            data = read_item(item, options.max_bytes)
+            if data is None:
+                out.skip = True
+                return out
+            out.sha256 = hashlib.sha256(data).hexdigest()
         size = loader.route(data, options) if loader is not None else None
     except Exception as exc:  # noqa: BLE001 - see _fail
         return _fail(out, exc, model_id)
@@ -64,7 +66,8 @@ def prepare(item: Item, model_id: str, options: DecodeOptions, loader=None) -> P
 def decode_into(out: Prepared, data: bytes, model_id: str, options: DecodeOptions) -> Prepared:
     """Decode `data` on the CPU (scanner.decode) into `out`: its image, or its error record."""
     try:
-        decoded = decode(data, options.max_pixels, downscale_large=options.downscale_large)
+        with stage("decode"):
+            decoded = decode(data, options.max_pixels, downscale_large=options.downscale_large)
     except Exception as exc:  # noqa: BLE001 - see _fail
         return _fail(out, exc, model_id)
     out.image = decoded.image

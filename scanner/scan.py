@@ -44,6 +44,7 @@ from scanner.loaders import make_loader, model_device, resolve_loader
 from scanner.prepare import DecodeOptions, Prepared, prepare
 from scanner.progress import ScanProgress
 from scanner.sources import iter_sources
+from scanner.stages import stage
 from scanner.store import ResultStore
 
 # Decoded pixels held for one batch (about 600 MB of uint8 RGB): a batch of huge images runs early.
@@ -115,8 +116,12 @@ class _Feed:
 
     def _new_items(self, items, done: IdSet):
         items = iter(items)
-        while chunk := list(itertools.islice(items, self.CHUNK)):
-            new = done.add_new([item.id for item in chunk])
+        while True:
+            with stage("enumerate"):  # listing, and the check against the ids already done
+                chunk = list(itertools.islice(items, self.CHUNK))
+                new = done.add_new([item.id for item in chunk]) if chunk else []
+            if not chunk:
+                return
             self.skipped_done += new.count(False)
             yield from itertools.compress(chunk, new)
 
@@ -164,7 +169,8 @@ class _Writer:
             self._thread.start()
 
     def _write(self, records: list[dict]) -> None:
-        self._store.write(records)
+        with stage("write"):
+            self._store.write(records)
         self._progress.advance(len(records), sum(r["error"] is not None for r in records))
 
     def _drain(self) -> None:

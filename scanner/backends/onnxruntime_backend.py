@@ -23,6 +23,7 @@ from scanner.errors import ScannerError
 from scanner.model import DetectorOutput
 from scanner.patches import PatchSelector
 from scanner.preprocess import global_views, image_sizes
+from scanner.stages import stage
 from scanner.weights import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,16 @@ class OnnxRuntimeDetector:
             raise ValueError("no images")
         images = [img.cpu() for img in images]
         size = self.cfg.input_size
-        views = global_views(images, size)  # (B, 3, S, S) float32 in [0, 1]
-        fmap, g = self.global_session.run(["fmap", "g"], {"images": views.numpy()})  # (B, C, 7, 7), (B, D)
-        fmap = torch.from_numpy(fmap)
-        boxes = self.selector(fmap, image_sizes(images))  # (B, K, 4)
-        patches = crop_resize(images, boxes, size).div_(255)  # (B, K, 3, S, S)
-        (logits,) = self.local_session.run(["logits"], {"patches": patches.numpy(), "g": g})  # (B,)
+        with stage("global"):
+            views = global_views(images, size)  # (B, 3, S, S) float32 in [0, 1]
+            fmap, g = self.global_session.run(["fmap", "g"], {"images": views.numpy()})  # (B, C, 7, 7), (B, D)
+            fmap = torch.from_numpy(fmap)
+        with stage("psm"):
+            boxes = self.selector(fmap, image_sizes(images))  # (B, K, 4)
+        with stage("crop_resize"):
+            patches = crop_resize(images, boxes, size).div_(255)  # (B, K, 3, S, S)
+        with stage("local"):
+            (logits,) = self.local_session.run(["logits"], {"patches": patches.numpy(), "g": g})  # (B,)
         return DetectorOutput(logits=torch.from_numpy(logits), boxes=boxes.cpu(), fmap=fmap)
 
 

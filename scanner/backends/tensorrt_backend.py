@@ -31,6 +31,7 @@ from scanner.engines import (
 )
 from scanner.errors import ScannerError
 from scanner.model import DetectorOutput
+from scanner.stages import stage
 from scanner.weights import ModelInfo, read_info
 
 # tensorrt.DataType member name -> torch dtype of the buffer we allocate for it.
@@ -148,13 +149,17 @@ class TensorRTRunner:
         from scanner.preprocess import global_views, image_sizes
 
         size = self.cfg.input_size
-        on_device = [img.to(self.device, non_blocking=True) for img in images]
-        views = global_views(on_device, size)  # (B, 3, S, S) in [0, 1]
-        out = self.global_engine(images=views)
-        fmap, g = out["fmap"], out["g"]  # (B, C, 7, 7), (B, D)
-        boxes = self.selector(fmap.float(), image_sizes(images))  # (B, K, 4) on the device
-        patches = crop_resize(on_device, boxes.to(self.device), size).div_(255)  # (B, K, 3, S, S)
-        logits = self.local_engine(patches=patches, g=g)["logits"]  # (B,)
+        with stage("global", self.device):
+            on_device = [img.to(self.device, non_blocking=True) for img in images]
+            views = global_views(on_device, size)  # (B, 3, S, S) in [0, 1]
+            out = self.global_engine(images=views)
+            fmap, g = out["fmap"], out["g"]  # (B, C, 7, 7), (B, D)
+        with stage("psm", self.device):
+            boxes = self.selector(fmap.float(), image_sizes(images))  # (B, K, 4) on the device
+        with stage("crop_resize", self.device):
+            patches = crop_resize(on_device, boxes.to(self.device), size).div_(255)  # (B, K, 3, S, S)
+        with stage("local", self.device):
+            logits = self.local_engine(patches=patches, g=g)["logits"]  # (B,)
         return logits.float().reshape(-1), boxes
 
 

@@ -27,6 +27,7 @@ import torch
 from scanner.errors import ScannerError
 from scanner.model import Detector, DetectorOutput
 from scanner.preprocess import global_views, image_sizes
+from scanner.stages import stage
 
 if TYPE_CHECKING:
     from scanner.weights import ModelInfo
@@ -233,14 +234,18 @@ class TorchCudaRunner:
     def _run(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m, size = self.model, self.cfg.input_size
         sizes = image_sizes(images)  # (B, 2) int64 on the CPU
-        on_device = upload(images, self.device)  # (3, H, W) views
-        views = global_views(on_device, size)  # (B, 3, S, S) float32 in [0, 1]
-        with self._autocast():
-            fmap, g = m.global_branch(views)  # (B, C, 7, 7), (B, D)
-        boxes = self._select(fmap, sizes)  # (B, K, 4) on the device
-        patches, normalised = self._patches(on_device, boxes)  # (B, K, 3, S, S)
-        with self._autocast():
-            logits = self._local(patches, g, normalised)
+        with stage("global", self.device):
+            on_device = upload(images, self.device)  # (3, H, W) views
+            views = global_views(on_device, size)  # (B, 3, S, S) float32 in [0, 1]
+            with self._autocast():
+                fmap, g = m.global_branch(views)  # (B, C, 7, 7), (B, D)
+        with stage("psm", self.device):
+            boxes = self._select(fmap, sizes)  # (B, K, 4) on the device
+        with stage("crop_resize", self.device):
+            patches, normalised = self._patches(on_device, boxes)  # (B, K, 3, S, S)
+        with stage("local", self.device):
+            with self._autocast():
+                logits = self._local(patches, g, normalised)
         return logits.float().reshape(-1), boxes.long(), fmap
 
     def _select(self, fmap: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

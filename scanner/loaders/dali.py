@@ -58,6 +58,7 @@ import torch
 from scanner.decode import DecodeError, _orientation, _plan, decode
 from scanner.errors import ItemError
 from scanner.preprocess import global_views
+from scanner.stages import stage
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +384,8 @@ class DaliLoader:
         from scanner.prepare import decode_into
 
         todo = [p for p in batch if p.encoded is not None]
-        results = self.decoder.decode_jpegs([p.encoded for p in todo]) if todo else []
+        with stage("decode", self.decoder.target):
+            results = self.decoder.decode_jpegs([p.encoded for p in todo]) if todo else []
         for p, got in zip(todo, results):
             data, p.encoded = p.encoded, None
             if isinstance(got, DaliFailed):
