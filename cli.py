@@ -190,6 +190,71 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
         sys.exit(3)
 
 
+@main.command(name="bench")
+@click.argument("folder", required=False, type=click.Path(path_type=Path))
+@click.option("--generate", type=int, default=None, help="Bench N generated JPEGs (of --sizes) instead of FOLDER.")
+@click.option("--sizes", default="640x480", show_default=True, help="Sizes of generated images, WxH[,WxH...].")
+@click.option("--limit", type=int, default=200, show_default=True,
+              help="At most this many images of FOLDER (a seeded sample).")
+@click.option("--batch-size", "batch_sizes", default="16", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True, help="Backend of the scan (as scanner run).")
+@click.option("--loader", type=click.Choice(["auto", "cpu", "dali"]), default="auto", show_default=True)
+@click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--workers", type=int, default=None, help="Decode threads (and the baseline's DataLoader workers).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads of both (default: one per core).")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Detector weights; default: the shipped model.")
+@click.option("--arch", default=None, help="Bench an untrained detector of this backbone instead (resnet50: the "
+              "paper's model; throughput does not depend on the weights).")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="Rounds per batch size, ours and the baseline alternating; medians are reported.")
+@click.option("--no-naive", "no_naive", is_flag=True, help="Skip the naive baseline.")
+@click.option("--quick", is_flag=True, help="A smoke run: 12 small generated images, batch 4, one round.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the report as JSON (images_per_s, naive_images_per_s, ratio, stages, ...).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engines_dir, workers, threads, model_path,
+              arch, rounds, no_naive, quick, json_out, seed):
+    """Measure scan throughput (images/s end to end and per stage, batch latency, peak memory) against a
+    naive baseline run on the same images in the same run. FOLDER: images to sample (default: generated)."""
+    import json
+    import tempfile
+
+    from scanner.bench import BenchOptions, print_report, run_bench, untrained_model
+    from scanner.bench_inputs import folder_images, generate_images, parse_sizes
+    from scanner.errors import ScannerError
+    from scanner.loaders import resolve_loader
+
+    if quick:
+        generate, sizes, batch_sizes, rounds = (generate or 12), "320x240,200x200", "4", 1
+    try:
+        batches = [int(b) for b in batch_sizes.split(",")]
+    except ValueError:
+        raise ScannerError(f"--batch-size {batch_sizes!r}: expected integers, comma-separated") from None
+    if arch and model_path:
+        raise ScannerError("--arch and --model exclude each other")
+    with tempfile.TemporaryDirectory(prefix="scanner-bench-") as tmp:
+        work = Path(tmp)
+        if folder is not None and generate is None:
+            paths = folder_images(folder, limit, seed)
+        else:
+            paths = generate_images(work / "images", generate or 64, parse_sizes(sizes), seed)
+        if arch:
+            model_path = untrained_model(arch, work)
+        opts = BenchOptions(backend=backend, loader=resolve_loader(loader), batch_sizes=batches, workers=workers,
+                            threads=threads, model_path=model_path, engines_dir=engines_dir, naive=not no_naive,
+                            rounds=rounds)
+        report = run_bench(paths, opts, work, log=lambda msg: click.echo(f"scanner: {msg}", err=True))
+    from rich.console import Console
+
+    print_report(report, Console())  # the report is the command's output: stdout
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"report written to {json_out}", err=True)
+
+
 @main.command(name="merge")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),

@@ -455,7 +455,7 @@ def local_calibration_batches(model, paths: Iterable[Path], batch: int, max_imag
     """Inputs of the local+fuser graph from the torch model: {"patches": float32 (batch, K, 3, S, S)
     in [0, 1], "g": float32 (batch, D)}, patches chosen by its PSM and cut by crop_resize as in serving.
     """
-    from scanner.crop_resize import crop_resize
+    from scanner.crop_resize import crop_patches
     from scanner.preprocess import global_views, image_sizes
 
     device = next(model.parameters()).device
@@ -464,7 +464,7 @@ def local_calibration_batches(model, paths: Iterable[Path], batch: int, max_imag
         with torch.inference_mode():
             fmap, g = model.global_branch(global_views(chunk, size).to(device))  # (B, C, 7, 7), (B, D)
             boxes = model.selector(fmap, image_sizes(chunk))  # (B, K, 4)
-            patches = crop_resize(chunk, boxes.cpu(), size).div_(255)  # (B, K, 3, S, S)
+            patches = crop_patches(chunk, boxes.cpu(), size).div_(255)  # (B, K, 3, S, S)
         yield {"patches": patches.float(), "g": g.float().cpu()}
 
 

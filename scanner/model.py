@@ -9,7 +9,7 @@ from torch import nn
 
 from scanner.backbones import build_backbone
 from scanner.config import ModelConfig
-from scanner.crop_resize import crop_resize
+from scanner.crop_resize import crop_patches
 from scanner.fusion import AFFM
 from scanner.patches import PatchSelector
 from scanner.preprocess import global_views, image_sizes
@@ -71,7 +71,7 @@ class Detector(nn.Module):
         with stage("psm", device):
             boxes = self.selector(fmap.detach(), image_sizes(images))  # no gradient through selection
         with stage("crop_resize", device):
-            patches = crop_resize(images, boxes.to(images[0].device), self.cfg.input_size).div_(255)
+            patches = crop_patches(images, boxes.to(images[0].device), self.cfg.input_size).div_(255)
         with stage("local", device):
             logits, weights = self.local_fusion(patches.to(g.device), g, need_weights)
         return DetectorOutput(logits=logits, boxes=boxes.cpu(), fmap=fmap, attention=weights if need_weights else None)

@@ -150,3 +150,51 @@ def test_empty_batch_and_mismatched_lengths():
     img = torch.zeros(3, 10, 10, dtype=torch.uint8)
     with pytest.raises(ValueError):
         crop_resize([img, img], torch.zeros(1, 6, 4, dtype=torch.long), size=16)
+
+
+# -- the CPU fast path (crop_resize_per_patch) against the reference ------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_per_patch_path_matches_the_reference_on_random_inputs(seed):
+    """Ragged images up to 700 px, boxes from 1 px to the whole image (and exact size x size copies),
+    uint8 and float input. Tolerance: F.interpolate's float32 source positions, pos * 2**-23 * 255
+    with pos < 700, about 2.2e-2 at worst; copies must be equal."""
+    g = torch.Generator().manual_seed(500 + seed)
+    size = (224, 37, 1, 64)[seed % 4]
+    images, boxes = [], []
+    for _ in range(1 + seed % 5):
+        h, w = (int(v) for v in torch.randint(1, 700, (2,), generator=g))
+        img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        images.append(img.float() if seed % 3 == 0 else img)
+        img_boxes = []
+        for k in range(4):
+            if k == 0 and h >= size and w >= size:  # an exact copy
+                y0 = int(torch.randint(0, h - size + 1, (1,), generator=g))
+                x0 = int(torch.randint(0, w - size + 1, (1,), generator=g))
+                img_boxes.append([x0, y0, x0 + size, y0 + size])
+                continue
+            x0, x1 = sorted(int(v) for v in torch.randint(0, w + 1, (2,), generator=g))
+            y0, y1 = sorted(int(v) for v in torch.randint(0, h + 1, (2,), generator=g))
+            img_boxes.append([x0, y0, max(x1, x0 + 1) if x0 < w else w, max(y1, y0 + 1) if y0 < h else h])
+            if x0 == w:
+                img_boxes[-1][0] = w - 1
+            if y0 == h:
+                img_boxes[-1][1] = h - 1
+        boxes.append(img_boxes)
+    boxes = torch.tensor(boxes)
+    want = crop_resize(images, boxes, size)
+    got = cr.crop_resize_per_patch(images, boxes, size)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=2.5e-2)
+    for i, img_boxes in enumerate(boxes.tolist()):
+        x0, y0, x1, y1 = img_boxes[0]
+        if x1 - x0 == size and y1 - y0 == size:
+            assert torch.equal(got[i, 0], want[i, 0])
+
+
+def test_crop_patches_takes_the_per_patch_path_on_the_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cr, "crop_resize_per_patch", lambda *a: calls.append(a) or "fast")
+    images = [torch.zeros(3, 10, 10, dtype=torch.uint8)]
+    assert cr.crop_patches(images, torch.tensor([[[0, 0, 5, 5]]]), 4) == "fast" and len(calls) == 1

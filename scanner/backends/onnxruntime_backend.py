@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from scanner.crop_resize import crop_resize
+from scanner.crop_resize import crop_patches
 from scanner.errors import ScannerError
 from scanner.model import DetectorOutput
 from scanner.patches import PatchSelector
@@ -85,7 +85,7 @@ class OnnxRuntimeDetector:
         with stage("psm"):
             boxes = self.selector(fmap, image_sizes(images))  # (B, K, 4)
         with stage("crop_resize"):
-            patches = crop_resize(images, boxes, size).div_(255)  # (B, K, 3, S, S)
+            patches = crop_patches(images, boxes, size).div_(255)  # (B, K, 3, S, S)
         with stage("local"):
             (logits,) = self.local_session.run(["logits"], {"patches": patches.numpy(), "g": g})  # (B,)
         return DetectorOutput(logits=torch.from_numpy(logits), boxes=boxes.cpu(), fmap=fmap)
