@@ -848,7 +848,11 @@ def test_reference_psm_on_the_gpu_gives_the_cpu_boxes():
 @gpu
 @needs_gpu
 @needs_nvrtc
-def test_gpu_runner_kernels_match_the_reference_path(cpu_detector):
+def test_gpu_runner_kernels_match_the_reference_path(cpu_detector, monkeypatch):
+    # TF32 convolutions turn the two paths' float32 rounding differences in the patches into logit
+    # differences of ~1e-3 (H200, 2026-11-26): compare in real float32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model, _ = cpu_detector
     images = _noise_images(1, SHAPES)
     device = torch.device("cuda")
