@@ -1,7 +1,8 @@
 #!/bin/bash
 # Every GPU check of ../shared/GPU.md in one call on a CUDA machine (run from the repository root):
 #   bash bench/gpu_checks.sh                   (all steps; outputs under $OUT, or ./gpu_checks_out)
-#   STEPS="pytest bench" bash bench/gpu_checks.sh   (some of: pytest sanitizer kernels scan bench)
+#   STEPS="pytest bench" TESTS=tests/test_kernels.py bash bench/gpu_checks.sh   (some steps: pytest sanitizer
+#   kernels scan bench; TESTS narrows pytest)
 # pytest: pytest -m gpu.  sanitizer: compute-sanitizer memcheck + racecheck over both kernels.
 # kernels: kernels and the torch CUDA path vs references (bench/kernels_bench.py).
 # scan: whole scan GPU vs CPU, nvJPEG vs CPU decode.  bench: scanner bench, ours vs naive, batch 32-256.
@@ -19,7 +20,7 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$O/$name.log" 2>&1; local rc=$?
   echo "== $name: rc=$rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-6}" "$O/$name.log"; }
-want pytest && step pytest_gpu 150 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$O/junit_gpu.xml" tests
+want pytest && step pytest_gpu 150 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$O/junit_gpu.xml" ${TESTS:-tests}
 if want sanitizer; then
   TAIL=3 step memcheck 75 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 \
     python3 bench/sanitize_kernels.py
@@ -28,6 +29,6 @@ if want sanitizer; then
 fi
 want kernels && TAIL=16 step kernels_bench 200 python3 bench/kernels_bench.py --out "$O/kernels_bench.json" --e2e-images 384
 want scan && TAIL=6 step scan_gpu 120 python3 bench/gpu_scan_check.py --images 256 --json "$O/scan_gpu.json"
-want bench && TAIL=30 step scanner_bench 240 python3 cli.py bench --generate 512 --sizes 640x480,1024x768,1920x1080 \
-  --batch-size 32,64,128,256 --backend torch --json "$O/scanner_bench.json"
+want bench && TAIL=30 step scanner_bench 240 python3 cli.py bench --generate 1024 --sizes 640x480,1024x768,1920x1080 \
+  --batch-size 32,64,128,256 --backend torch --workers 12 --json "$O/scanner_bench.json"
 exit 0

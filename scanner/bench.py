@@ -49,14 +49,23 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _peak_rss_mb() -> float | None:
+def _status_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since the last reset (both contenders live in it)."""
+    return _status_mb("VmHWM")
+
+
+def _rss_mb() -> float | None:
+    return _status_mb("VmRSS")
 
 
 def _gpu_reset() -> None:
@@ -92,6 +101,7 @@ def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOp
     times = stages.StageTimes()
     _reset_peak_rss()
     _gpu_reset()
+    before = _rss_mb()
     with stages.recording(times):
         summary = scan([], out, runner, info, from_list=str(list_file), options=options)
     images = summary.scanned - summary.errors
@@ -105,7 +115,7 @@ def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOp
             "stages": {name: {"seconds": s, "ms_per_image": 1000 * s / max(1, images), "calls": times.calls[name]}
                        for name, s in times.seconds.items()},
             "latency_ms": percentiles_ms([s for _, s in times.batches]),
-            "peak_rss_mb": _peak_rss_mb(), "gpu_peak_mb": _gpu_peak_mb(), "scores": scores}
+            "rss_before_mb": before, "peak_rss_mb": _peak_rss_mb(), "gpu_peak_mb": _gpu_peak_mb(), "scores": scores}
 
 
 def run_baseline(model, paths: list[Path], batch: int, workers: int) -> dict:
@@ -113,9 +123,10 @@ def run_baseline(model, paths: list[Path], batch: int, workers: int) -> dict:
 
     _reset_peak_rss()
     _gpu_reset()
+    before = _rss_mb()
     got = run_naive(model, paths, batch, workers)
     return {"images": got.images, "failed": got.failed, "seconds": got.seconds, "images_per_s": got.images_per_s,
-            "latency_ms": percentiles_ms(got.batch_seconds), "peak_rss_mb": _peak_rss_mb(),
+            "latency_ms": percentiles_ms(got.batch_seconds), "rss_before_mb": before, "peak_rss_mb": _peak_rss_mb(),
             "gpu_peak_mb": _gpu_peak_mb(), "scores": got.scores}
 
 
