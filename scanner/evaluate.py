@@ -140,6 +140,11 @@ def _summary(samples: list[Sample], scores: np.ndarray, threshold: float) -> dic
     }
 
 
+def per_source_ap(samples: list[Sample], scores: np.ndarray) -> dict[str, float | None]:
+    """AP of each source under the module's pairing rule (None where a source has none)."""
+    return _summary(samples, scores, 0.5)["per_source_ap"]
+
+
 def _subsample(samples: list[Sample], limit: int | None, seed: int = 0) -> list[Sample]:
     """At most `limit` images per source, seeded: one image of each class first (when the limit allows),
     then the classes in proportion to their counts."""
