@@ -106,10 +106,11 @@ def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
               "pip install 'scanner[onnx]'; its first run exports the model once, about a minute).")
 @click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None,
               help="TensorRT engines (folder from build_engine.py), for the tensorrt backend.")
-@click.option("--loader", type=click.Choice(["auto", "cpu", "dali"]), default="auto", show_default=True,
+@click.option("--loader", type=click.Choice(["auto", "cpu", "dali", "nvjpeg"]), default="auto", show_default=True,
               help="Image decoding; dali: JPEGs decoded in batches by NVIDIA DALI (nvJPEG on a GPU; CPU mode "
               "without one), other formats on the CPU (pip install 'scanner[dali]'); cpu: decode threads "
-              "(--workers); auto: dali with a CUDA GPU and DALI installed, else cpu.")
+              "(--workers); nvjpeg: JPEGs decoded in batches on the GPU by torchvision's nvJPEG, for GPUs without DALI; "
+              "auto: dali with a CUDA GPU and DALI installed, else cpu.")
 @click.option("--threshold", type=float, default=None,
               help="Score at or above which the label is synthetic; default: the model's calibrated threshold.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, help="Refuse larger images (decompression bombs).")
@@ -199,7 +200,7 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
 @click.option("--batch-size", "batch_sizes", default="16", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="Backend of the scan (as scanner run).")
-@click.option("--loader", type=click.Choice(["auto", "cpu", "dali"]), default="auto", show_default=True)
+@click.option("--loader", type=click.Choice(["auto", "cpu", "dali", "nvjpeg"]), default="auto", show_default=True)
 @click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None)
 @click.option("--workers", type=int, default=None, help="Decode threads (and the baseline's DataLoader workers).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads of both (default: one per core).")

@@ -4,8 +4,9 @@
 
 Writes --images JPEGs of mixed sizes (smooth gradients plus noise, a few with EXIF orientation), then:
 1. nvJPEG (scanner.backends.torch_cuda.decode_jpeg_cuda) against the CPU decoder, pixel by pixel;
-2. `scanner run --backend torch` with the GPU visible (the torch_cuda runner, fp16) and with it
-   hidden (CUDA_VISIBLE_DEVICES='', the float32 CPU detector), each timed by its --summary-json;
+2. `scanner run --backend torch` with the GPU visible (the torch_cuda runner, fp16; CPU decoding,
+   then --loader nvjpeg) and with it hidden (CUDA_VISIBLE_DEVICES='', the float32 CPU detector),
+   each timed by its --summary-json;
 3. compares the two outputs record by record: same ids, labels, score differences, patch boxes.
 Prints one table and writes every figure to --json. Exit status 1 when a check fails.
 """
@@ -79,13 +80,13 @@ def check_nvjpeg(paths: list[Path]) -> dict:
             "mean_abs_diff": mean_sum / max(1, len(datas) - failed - shape_bad)}
 
 
-def run_scan(folder: Path, out: Path, gpu: bool, batch: int) -> dict:
+def run_scan(folder: Path, out: Path, gpu: bool, batch: int, loader: str = "cpu") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     summary = out.with_suffix(".summary.json")
     cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(folder), "--out", str(out), "--force", "--quiet",
-           "--backend", "torch", "--batch-size", str(batch), "--summary-json", str(summary)]
+           "--backend", "torch", "--batch-size", str(batch), "--loader", loader, "--summary-json", str(summary)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -127,17 +128,20 @@ def main() -> int:
     report = {"images": args.images, "generate_s": time.perf_counter() - t0}
     report["nvjpeg"] = check_nvjpeg(paths)
     report["gpu_scan"] = run_scan(work / "images", work / "gpu.jsonl", True, args.batch_size)
+    report["gpu_nvjpeg_scan"] = run_scan(work / "images", work / "nvjpeg.jsonl", True, args.batch_size, "nvjpeg")
     report["cpu_scan"] = run_scan(work / "images", work / "cpu.jsonl", False, args.batch_size)
     report["compare"] = cmp = compare(work / "gpu.jsonl", work / "cpu.jsonl")
+    report["compare_nvjpeg"] = compare(work / "nvjpeg.jsonl", work / "cpu.jsonl")
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
     nv = report["nvjpeg"]
     print(f"nvJPEG vs CPU decode: {nv['images']} images, {nv['failed']} failed, {nv['shape_mismatch']} shape "
           f"mismatches, max |diff| {nv['max_abs_diff']}, mean |diff| {nv['mean_abs_diff']:.3f}")
-    for name in ("gpu_scan", "cpu_scan"):
+    for name in ("gpu_scan", "gpu_nvjpeg_scan", "cpu_scan"):
         s = report[name]
         print(f"{name}: {s['wall_s']:.1f} s wall, summary {json.dumps(s['summary'])[:300]}")
     print(f"records: {json.dumps(cmp)}")
+    print(f"records with nvJPEG: {json.dumps(report['compare_nvjpeg'])}")
     ok = (cmp["same_ids"] and cmp["errors"] == 0 and cmp["max_score_diff_same_boxes"] is not None
           and cmp["max_score_diff_same_boxes"] < 0.02 and cmp["label_agreement"] >= 0.99 and nv["failed"] == 0 and nv["shape_mismatch"] == 0)
     print("scan check:", "PASS" if ok else "FAIL")

@@ -448,8 +448,8 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
     ray = require_ray()
     options = options or ScanOptions()
     options.validate()
-    if getattr(options, "loader", "cpu") == "dali":
-        log.info("the distributed scan decodes on CPU threads in its actors; the DALI loader is not used")
+    if getattr(options, "loader", "cpu") in ("dali", "nvjpeg"):
+        log.info("the distributed scan decodes on CPU threads in its actors; the %s loader is not used", options.loader)
     if options.fmt != "jsonl":
         raise ScannerError("a distributed scan writes JSONL parts; for Parquet run `scanner merge OUT_DIR --out "
                            "results.parquet` afterwards")

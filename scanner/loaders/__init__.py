@@ -5,6 +5,8 @@
     dali  the workers read, hash and check the header; plain JPEGs are decoded a batch at a time by
           NVIDIA DALI right before inference (nvJPEG on a CUDA GPU, libjpeg-turbo in DALI's CPU mode),
           everything else by the CPU decoder as above (scanner.loaders.dali).
+    nvjpeg  the same routing, with the batch's JPEGs decoded on a CUDA GPU by torchvision's nvJPEG,
+          for GPUs without DALI (scanner.loaders.nvjpeg). Only when asked for: not yet measured.
 
 `resolve_loader("auto")` picks dali only when `nvidia.dali` is importable AND a CUDA GPU is present:
 on the CPU, DALI decodes at about half torchvision's speed (shared/FACTS.md), so it is no gain there.
@@ -27,7 +29,7 @@ from scanner.errors import ScannerError
 
 log = logging.getLogger(__name__)
 
-LOADERS = ("cpu", "dali")
+LOADERS = ("cpu", "dali", "nvjpeg")
 CHOICES = ("auto", *LOADERS)
 INSTALL_HINT = "pip install 'scanner[dali]'"
 
@@ -56,6 +58,9 @@ def resolve_loader(name: str) -> str:
     if name == "dali" and not dali_installed():
         raise ScannerError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT} "
                            "(or use --loader cpu)")
+    if name == "nvjpeg" and not cuda_available():
+        raise ScannerError("--loader nvjpeg decodes on a CUDA GPU, and torch.cuda.is_available() is False here "
+                           "(use --loader cpu)")
     return name
 
 
@@ -66,6 +71,10 @@ def make_loader(name: str, *, model_id: str, options=None, batch_size: int = 16,
     device: where the model wants its images (DALI's images are put there)."""
     if name == "cpu":
         return None
+    if name == "nvjpeg":
+        from scanner.loaders.nvjpeg import NvjpegLoader
+
+        return NvjpegLoader(model_id, options, device=device)
     if name != "dali":
         raise ValueError(f"unresolved loader {name!r}")
     from scanner.loaders.dali import DaliLoader

@@ -1,0 +1,136 @@
+"""The nvjpeg loader: routing, batch decode, fallback to the CPU decoder, resolution; on a GPU, nvJPEG itself.
+
+On the CPU the decoder is a stand-in (torchvision's CPU decode_jpeg, one file made to fail, one made to
+return a wrong size): the loader's own logic is what is tested. The gpu-marked tests run the real one.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scanner import loaders
+from scanner.decode import decode
+from scanner.errors import ScannerError
+from scanner.loaders.nvjpeg import NvjpegLoader
+from scanner.prepare import DecodeOptions, prepare
+from scanner.sources import Item
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def _jpeg(w, h, seed, **save) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def _png(w, h) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _stand_in(fail_on: set[int], wrong_on: set[int]):
+    from torchvision.io import decode_jpeg
+
+    calls = []
+
+    def decode_batch(datas, device):
+        calls.append(len(datas))
+        out = []
+        for data in datas:
+            width = Image.open(io.BytesIO(data)).size[0]
+            if width in fail_on:
+                out.append(RuntimeError("nvjpeg: unsupported"))
+                continue
+            img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            out.append(img[:, :-1] if width in wrong_on else img)
+        return out
+
+    return decode_batch, calls
+
+
+def _prepared(loader, files: dict[str, bytes]) -> list:
+    return [prepare(Item(name, data=data), "m", DecodeOptions(), loader) for name, data in files.items()]
+
+
+def test_routes_plain_jpegs_to_the_batch_and_the_rest_to_the_workers():
+    loader = NvjpegLoader("m", device="cpu", decode=_stand_in(set(), set())[0])
+    rotated = _jpeg(30, 20, 1, exif=_exif_rotated())
+    batch = _prepared(loader, {"a.jpg": _jpeg(40, 30, 0), "b.png": _png(12, 9), "c.jpg": rotated})
+    assert batch[0].encoded is not None and (batch[0].width, batch[0].height) == (40, 30) and batch[0].image is None
+    assert batch[1].encoded is None and batch[1].image is not None  # PNG: decoded on the worker
+    assert batch[2].encoded is None and batch[2].image.shape == (3, 30, 20)  # EXIF rotation: the CPU decoder
+
+
+def _exif_rotated():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif
+
+
+def test_load_decodes_the_batch_and_falls_back_per_file():
+    decode_batch, calls = _stand_in(fail_on={33}, wrong_on={35})
+    loader = NvjpegLoader("m", device="cpu", decode=decode_batch)
+    files = {"ok.jpg": _jpeg(40, 30, 0), "fails.jpg": _jpeg(33, 20, 1), "wrong.jpg": _jpeg(35, 21, 2),
+             "p.png": _png(8, 8), "ok2.jpg": _jpeg(50, 10, 3)}
+    batch = _prepared(loader, files)
+    loaded = loader.load(batch)
+    assert calls == [4]  # one call for the batch's four JPEGs
+    assert [p.item.id for p in loaded] == list(files)  # order kept, nothing lost
+    for p, data in zip(loaded, files.values()):
+        assert p.encoded is None and p.record is None
+        assert torch.equal(p.image, decode(data).image)  # stand-in and fallbacks: the CPU decoder's pixels
+    assert loader.fallbacks == 2
+
+
+def test_a_file_neither_decoder_takes_gets_its_error_record(monkeypatch):
+    import scanner.prepare as prepare_module
+    from scanner.decode import DecodeError
+
+    decode_batch, _ = _stand_in(fail_on={33}, wrong_on=set())
+    loader = NvjpegLoader("m", device="cpu", decode=decode_batch)
+    batch = _prepared(loader, {"good.jpg": _jpeg(41, 30, 5), "bad.jpg": _jpeg(33, 20, 1), "last.jpg": _jpeg(45, 12, 6)})
+    real_decode = prepare_module.decode
+
+    def cpu_refuses_width_33(data, *args, **kw):
+        if Image.open(io.BytesIO(data)).size[0] == 33:
+            raise DecodeError("decode", "corrupt JPEG data")
+        return real_decode(data, *args, **kw)
+
+    monkeypatch.setattr(prepare_module, "decode", cpu_refuses_width_33)
+    loaded = loader.load(batch)
+    assert [p.item.id for p in loaded] == ["good.jpg", "last.jpg"]  # the neighbours keep their images
+    bad = batch[1]
+    assert bad.image is None and bad.record["error"]["kind"] == "decode" and bad.record["id"] == "bad.jpg"
+
+
+def test_resolve_and_make(monkeypatch):
+    monkeypatch.setattr(loaders, "cuda_available", lambda: False)
+    with pytest.raises(ScannerError, match="CUDA GPU"):
+        loaders.resolve_loader("nvjpeg")
+    monkeypatch.setattr(loaders, "cuda_available", lambda: True)
+    monkeypatch.setattr(loaders, "dali_installed", lambda: False)
+    assert loaders.resolve_loader("nvjpeg") == "nvjpeg"
+    assert loaders.resolve_loader("auto") == "cpu"  # never picked without being asked for
+    made = loaders.make_loader("nvjpeg", model_id="m", device=torch.device("cpu"))
+    assert isinstance(made, NvjpegLoader) and made.target == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_nvjpeg_loader_matches_the_cpu_decoder_closely():
+    loader = NvjpegLoader("m", device="cuda")
+    files = {f"{i}.jpg": _jpeg(64 + 7 * i, 48 + 5 * i, i) for i in range(6)} | {"p.png": _png(9, 9)}
+    loaded = loader.load(_prepared(loader, files))
+    assert [p.item.id for p in loaded] == list(files) and loader.fallbacks == 0
+    for p, data in zip(loaded, files.values()):
+        assert p.image.device.type == "cuda"
+        diff = (p.image.cpu().int() - decode(data).image.int()).abs().float()
+        assert diff.mean() < 8  # chroma upsampling differs from libjpeg's (mean 2.4 seen on an H200)
