@@ -322,7 +322,7 @@ def test_resolve_loader(monkeypatch):
     monkeypatch.setattr(loaders, "cuda_available", lambda: True)
     assert loaders.resolve_loader("auto") == "dali"
     with pytest.raises(ScannerError, match="not one of"):
-        loaders.resolve_loader("nvjpeg")
+        loaders.resolve_loader("nvdec")
 
 
 def test_dali_not_installed_is_a_clear_error(monkeypatch, tmp_path):
