@@ -250,7 +250,7 @@ def test_global_calibration_batches(tmp_path):
 
 
 def test_local_calibration_batches_follow_the_model(tmp_path):
-    from scanner.crop_resize import crop_resize
+    from scanner.crop_resize import crop_patches
     from scanner.decode import read_and_decode
 
     _write_images(tmp_path, [(240, 320), (300, 200), (64, 64), (500, 260)])
@@ -265,7 +265,7 @@ def test_local_calibration_batches_follow_the_model(tmp_path):
     images = [read_and_decode(f) for f in files[:2]]
     with torch.inference_mode():
         out = model(images)
-        expected = crop_resize(images, out.boxes, 224) / 255
+        expected = crop_patches(images, out.boxes, 224) / 255  # what the CPU backends feed the local graph
     torch.testing.assert_close(batches[0]["patches"], expected)
 
 
