@@ -234,8 +234,18 @@ def _riff_complete(data: bytes) -> bool:
     return len(data) >= 8 and int.from_bytes(data[4:8], "little") + 8 == len(data)
 
 
-@functools.cache
+_ops_lock = threading.Lock()
+
+
 def _torchvision_ops() -> tuple[Callable, Callable] | None:
+    """_load_torchvision_ops under a lock: functools.cache lets two decode threads that arrive
+    together both run (and log) the first load."""
+    with _ops_lock:
+        return _load_torchvision_ops()
+
+
+@functools.cache
+def _load_torchvision_ops() -> tuple[Callable, Callable] | None:
     """(decode_jpeg, decode_webp) to RGB, or None when torchvision's image extension is missing.
 
     The registered ops are called directly: the public wrappers warn on every call that torchvision's
