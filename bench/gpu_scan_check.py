@@ -24,35 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = [(256, 256), (480, 640), (768, 1024), (1080, 1920), (3000, 4000)]
-SHARES = [0.2, 0.3, 0.3, 0.15, 0.05]
-
-
-def write_one(args: tuple[Path, int, int]) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    folder, i, seed = args
-    rng = np.random.default_rng([seed, i])
-    h, w = SHAPES[rng.choice(len(SHAPES), p=SHARES)]
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
-    noise = rng.standard_normal(base.shape, dtype=np.float32) * (12 + 20 * rng.random())
-    img = np.clip(base + noise, 0, 255).astype(np.uint8)
-    exif = Image.Exif()
-    if i % 17 == 0:
-        exif[0x0112] = 6  # rotated 90: the orientation path must match the CPU's
-    path = folder / f"img_{i:05d}.jpg"
-    Image.fromarray(img).save(path, quality=int(rng.integers(70, 96)), exif=exif)
-    return path
+# (width, height), each repeated by its share: 20% 256x256, 30% 640x480, 30% 1024x768, 15% 1920x1080,
+# 5% 4000x3000.
+SIZES = [(256, 256)] * 4 + [(640, 480)] * 6 + [(1024, 768)] * 6 + [(1920, 1080)] * 3 + [(4000, 3000)]
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    from multiprocessing import Pool
+    from scanner.bench_inputs import generate_images
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with Pool(os.cpu_count()) as pool:
-        return pool.map(write_one, [(folder, i, seed) for i in range(n)])
+    # Every 17th rotated by EXIF: the GPU paths must turn it upright as the CPU decoder does.
+    return generate_images(folder, n, SIZES, seed, rotate_every=17)
 
 
 def check_nvjpeg(paths: list[Path]) -> dict:

@@ -37,11 +37,11 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def _write_one(args: tuple[Path, int, tuple[int, int], int]) -> Path:
+def _write_one(args: tuple[Path, int, tuple[int, int], int, int]) -> Path:
     import numpy as np
     from PIL import Image
 
-    folder, i, (w, h), seed = args
+    folder, i, (w, h), seed, rotate_every = args
     rng = np.random.default_rng([seed, i])
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     phase = rng.random(3) * 6.28
@@ -51,17 +51,22 @@ def _write_one(args: tuple[Path, int, tuple[int, int], int]) -> Path:
     noise = rng.standard_normal(base.shape, dtype=np.float32) * (4 + 16 * rng.random())
     image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
     path = folder / f"bench_{i:06d}_{w}x{h}.jpg"
-    image.save(path, quality=int(rng.integers(75, 96)))
+    exif = Image.Exif()
+    if rotate_every and i % rotate_every == 0:
+        exif[0x0112] = 6  # EXIF "rotate 90": decoders must turn it upright
+    image.save(path, quality=int(rng.integers(75, 96)), exif=exif)
     return path
 
 
-def generate_images(folder: Path, count: int, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
+def generate_images(folder: Path, count: int, sizes: list[tuple[int, int]], seed: int = 0,
+                    rotate_every: int = 0) -> list[Path]:
     """`count` JPEGs (smooth patterns plus noise: realistic to decode, unlike flat colour), cycling
-    through `sizes`, written in parallel into `folder`."""
+    through `sizes`, written in parallel into `folder`; with `rotate_every` N, every Nth carries an
+    EXIF orientation of 6."""
     from concurrent.futures import ProcessPoolExecutor
 
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(folder, i, sizes[i % len(sizes)], seed) for i in range(count)]
+    jobs = [(folder, i, sizes[i % len(sizes)], seed, rotate_every) for i in range(count)]
     if count <= 16:
         return [_write_one(job) for job in jobs]
     with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
