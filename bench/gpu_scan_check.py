@@ -77,8 +77,10 @@ def run_scan(folder: Path, out: Path, gpu: bool, batch: int, loader: str = "cpu"
 
 
 def compare(gpu_out: Path, cpu_out: Path) -> dict:
+    from scanner.store import iter_records
+
     def load(path):
-        return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+        return {r["id"]: r for r in iter_records(path)}
 
     g, c = load(gpu_out), load(cpu_out)
     common = sorted(set(g) & set(c))

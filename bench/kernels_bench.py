@@ -17,11 +17,8 @@ cuda-python and NVRTC: without them it says so and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -166,18 +163,13 @@ def print_table(rows: list[dict]) -> None:
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    props = torch.cuda.get_device_properties(0)
+    """scanner bench's environment (date, host, CPU, GPU, versions, commit, command) plus the CUDA side."""
     from kernels.build import nvrtc_version
+    from scanner.bench import environment as bench_environment
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "gpu": props.name, "capability": f"{props.major}.{props.minor}", "torch": torch.__version__,
-            "cuda": torch.version.cuda, "nvrtc": ".".join(map(str, nvrtc_version())),
-            "python": platform.python_version(),
-            "command": " ".join(sys.argv)}
+    props = torch.cuda.get_device_properties(0)
+    return {**bench_environment(), "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+            "nvrtc": ".".join(map(str, nvrtc_version()))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,6 @@ largest score difference between the two (they compute the same function).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -95,6 +94,7 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float] | None:
 
 def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOptions) -> dict:
     from scanner.scan import ScanOptions, scan
+    from scanner.store import iter_records
 
     options = ScanOptions(batch_size=batch, workers=opts.workers, force=True, loader=opts.loader,
                           fsync_interval=3600.0)
@@ -105,11 +105,7 @@ def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOp
     with stages.recording(times):
         summary = scan([], out, runner, info, from_list=str(list_file), options=options)
     images = summary.scanned - summary.errors
-    scores = {}
-    for line in out.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("error") is None:
-            scores[record["id"]] = record["score"]
+    scores = {r["id"]: r["score"] for r in iter_records(out) if r.get("error") is None}
     return {"images": images, "errors": summary.errors, "seconds": summary.seconds,
             "images_per_s": images / summary.seconds if summary.seconds > 0 else 0.0,
             "stages": {name: {"seconds": s, "ms_per_image": 1000 * s / max(1, images), "calls": times.calls[name]}
