@@ -2,14 +2,16 @@
 # Every GPU check of ../shared/GPU.md in one call on a CUDA machine (run from the repository root):
 #   bash bench/gpu_checks.sh                   (all steps; outputs under $OUT, or ./gpu_checks_out)
 #   STEPS="pytest bench" TESTS=tests/test_kernels.py bash bench/gpu_checks.sh   (some steps: pytest sanitizer
-#   kernels scan bench; TESTS narrows pytest)
+#   kernels shapes scan loaders bench; TESTS narrows pytest)
 # pytest: pytest -m gpu.  sanitizer: compute-sanitizer memcheck + racecheck over both kernels.
 # kernels: kernels and the torch CUDA path vs references (bench/kernels_bench.py).
-# scan: whole scan GPU vs CPU, nvJPEG vs CPU decode.  bench: scanner bench, ours vs naive, batch 32-256.
+# shapes: fixed batch shapes and torch.compile modes (bench/shapes_bench.py).
+# scan: whole scan GPU vs CPU, nvJPEG vs CPU decode.  loaders: scanner bench with --loader cpu, then nvjpeg.
+# bench: scanner bench, ours vs naive, batch 32-256.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 O=${OUT:-$PWD/gpu_checks_out}
-STEPS=${STEPS:-pytest sanitizer kernels scan bench}
+STEPS=${STEPS:-pytest sanitizer kernels shapes scan loaders bench}
 mkdir -p "$O"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
   python3 -c "import torch,torchvision,sys;print(sys.version.split()[0],torch.__version__,torchvision.__version__,'cuda',torch.version.cuda)"
@@ -28,7 +30,16 @@ if want sanitizer; then
   cat "$O/racecheck.log" >> "$O/memcheck.log"; rm "$O/racecheck.log"
 fi
 want kernels && TAIL=16 step kernels_bench 200 python3 bench/kernels_bench.py --out "$O/kernels_bench.json" --e2e-images 384
+want shapes && TAIL=8 step shapes_bench 560 python3 bench/shapes_bench.py --compile-modes "${MODES:-none,default,reduce-overhead}" --timeout "${CHILD_S:-150}" --json "$O/shapes_bench.json"
 want scan && TAIL=6 step scan_gpu 120 python3 bench/gpu_scan_check.py --images 256 --json "$O/scan_gpu.json"
+if want loaders; then
+  python3 -c "from pathlib import Path; from scanner.bench_inputs import generate_images as g
+g(Path('/tmp/loader_images'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
+  for loader in cpu nvjpeg; do
+    TAIL=14 step "loader_$loader" 150 python3 cli.py bench /tmp/loader_images --limit 1024 --batch-size 128,256 \
+      --backend torch --loader $loader --workers 12 --no-naive --json "$O/loader_$loader.json"
+  done
+fi
 want bench && TAIL=30 step scanner_bench 240 python3 cli.py bench --generate 1024 --sizes 640x480,1024x768,1920x1080 \
   --batch-size 32,64,128,256 --backend torch --workers 12 --json "$O/scanner_bench.json"
 exit 0

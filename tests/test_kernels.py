@@ -35,6 +35,8 @@ from scanner.backends.torch_cuda import (
     load_torch_cuda,
     native_layout,
     orient_chw,
+    pad_batch,
+    padded_size,
     stage_images,
 )
 from scanner.config import ModelConfig
@@ -742,6 +744,35 @@ def test_runner_on_the_cpu_matches_the_detector(tiny_detector, fuse):
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
 
 
+def test_padded_size_and_pad_batch():
+    assert [padded_size(b, 32) for b in (1, 31, 32, 33, 256)] == [32, 32, 32, 64, 256]
+    assert [padded_size(b, 0) for b in (1, 7)] == [1, 7]
+    t = torch.arange(6.0).view(2, 3)
+    assert pad_batch(t, 2) is t
+    padded = pad_batch(t, 5)
+    assert padded.shape == (5, 3) and torch.equal(padded[:2], t) and not padded[2:].any()
+
+
+def test_runner_pads_batches_to_fixed_shapes_without_changing_results(tiny_detector):
+    """Chunks of 3 and 2 images reach the networks as batches of 4; results are those of the detector."""
+    seen = []  # rows into the embedding: the global branch's, then the local branch's (4 images x K patches)
+    hook = tiny_detector.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        runner = TorchCudaRunner(tiny_detector, "cpu", precision="fp32", use_kernels=False, max_batch=3, shape_step=4)
+        images = _noise_images(3, SHAPES[:5])
+        runner.keep_fmap = True
+        got = runner.eval()(images)
+    finally:
+        hook.remove()
+    k = got.boxes.shape[1]
+    assert seen == [4, 4 * k, 4, 4 * k]
+    with torch.inference_mode():
+        want = tiny_detector(images)
+    assert got.logits.shape == (5,) and got.fmap.shape[0] == 5
+    assert torch.equal(got.boxes, want.boxes)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+
+
 def test_runner_arguments(tiny_detector):
     with pytest.raises(ScannerError, match="precision 'int8'"):
         TorchCudaRunner(tiny_detector, "cpu", precision="int8")
@@ -749,6 +780,8 @@ def test_runner_arguments(tiny_detector):
         TorchCudaRunner(tiny_detector, "cpu", use_kernels=True)
     with pytest.raises(ValueError, match="no images"):
         TorchCudaRunner(tiny_detector, "cpu", precision="fp32")([])
+    with pytest.raises(ScannerError, match="shape_step must be >= 0"):
+        TorchCudaRunner(tiny_detector, "cpu", shape_step=-1)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the message on a machine without a GPU")

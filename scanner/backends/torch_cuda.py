@@ -12,6 +12,11 @@ differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references ru
 (`use_kernels=None` picks; the choice is logged once). torch.compile (mode "reduce-overhead" = CUDA
 graphs) only behind `compile_mode`, to be measured on a GPU first.
 
+Fixed batch shapes: the networks see batches padded with zero images up to a multiple of
+`shape_step`. The scan's pixel budget cuts batches of large images into sizes that vary, and cuDNN
+(and a compiled graph) pays seconds of set-up for every new shape; padded, a scan meets at most
+max_batch / shape_step of them. Padded rows never reach the PSM, the crop-resize or the results.
+
 Contract (scanner.inference): `runner.eval()`, `runner(images) -> DetectorOutput` with logits (B,)
 and boxes (B, K, 4) int64 on the CPU. `load_torch_cuda(model_path) -> (runner, info)`.
 """
@@ -157,6 +162,22 @@ def decode_jpeg_cuda(data: Sequence[bytes], device: str | torch.device = "cuda")
     return [d if isinstance(d, Exception) else orient_chw(d, _exif_orientation(raw)) for d, raw in zip(decoded, data)]
 
 
+# -- fixed batch shapes -----------------------------------------------------------------------------------
+
+
+def padded_size(batch: int, step: int) -> int:
+    """The batch size the networks see: `batch` rounded up to a multiple of `step` (0: unchanged)."""
+    return batch if step <= 0 else -(-batch // step) * step
+
+
+def pad_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """`tensor` (B, ...) with zero rows appended up to `size` rows; itself when it has them already."""
+    missing = size - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros((missing, *tensor.shape[1:]))])
+
+
 # -- the runner ----------------------------------------------------------------------------------------
 
 
@@ -165,23 +186,27 @@ class TorchCudaRunner:
 
     model: a Detector on `device` (eval mode). precision: "fp16" | "bf16" autocast, or "fp32".
     use_kernels: True (required), False (references), None (kernels when available).
+    shape_step: the networks see batches padded to a multiple of it (0: as given); see the module doc.
     fuse_normalise: the crop-resize kernel applies the local backbone's mean/std, and the local
     branch calls the trunk directly (one elementwise pass over the patches saved).
     """
 
     def __init__(self, model: Detector, device: str | torch.device = "cuda", precision: str = "fp16",
                  use_kernels: bool | None = None, fuse_normalise: bool = True, compile_mode: str | None = None,
-                 max_batch: int = 256):
+                 max_batch: int = 256, shape_step: int = 32):
         if precision not in PRECISIONS:
             raise ScannerError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         if max_batch < 1:
             raise ScannerError(f"max_batch must be >= 1; got {max_batch}")
+        if shape_step < 0:
+            raise ScannerError(f"shape_step must be >= 0 (0: no padding); got {shape_step}")
         self.model = model
         self.cfg = model.cfg
         self.device = torch.device(device)
         self.amp_dtype = PRECISIONS[precision]
         self.precision = precision
         self.max_batch = max_batch
+        self.shape_step = shape_step
         self.keep_fmap = False  # tests and benchmarks read the global feature map
         self.use_kernels = self._decide_kernels(use_kernels)
         self.fuse_normalise = fuse_normalise
@@ -190,7 +215,8 @@ class TorchCudaRunner:
         self._mean_std = (backbone.mean.flatten().tolist(), backbone.std.flatten().tolist())
         if compile_mode:
             for backbone in {id(b): b for b in (model.backbone, model.local_backbone)}.values():
-                backbone.trunk = torch.compile(backbone.trunk, mode=compile_mode)
+                # dynamic=False: one static graph per padded batch size, not a dynamic-shape recompile.
+                backbone.trunk = torch.compile(backbone.trunk, mode=compile_mode, dynamic=False)
         log.info("torch_cuda backend on %s: %s, PSM and crop-resize by %s%s", self.device, precision,
                  "the CUDA kernels" if self.use_kernels else "the torch references",
                  f", torch.compile mode {compile_mode}" if compile_mode else "")
@@ -233,19 +259,22 @@ class TorchCudaRunner:
     @torch.inference_mode()
     def _run(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m, size = self.model, self.cfg.input_size
+        b = len(images)
+        shaped = padded_size(b, self.shape_step)  # the batch size the networks see
         sizes = image_sizes(images)  # (B, 2) int64 on the CPU
         with stage("global", self.device):
             on_device = upload(images, self.device)  # (3, H, W) views
-            views = global_views(on_device, size)  # (B, 3, S, S) float32 in [0, 1]
+            views = pad_batch(global_views(on_device, size), shaped)  # (P, 3, S, S) float32 in [0, 1]
             with self._autocast():
-                fmap, g = m.global_branch(views)  # (B, C, 7, 7), (B, D)
+                fmap, g = m.global_branch(views)  # (P, C, 7, 7), (P, D)
+            fmap = fmap[:b]
         with stage("psm", self.device):
             boxes = self._select(fmap, sizes)  # (B, K, 4) on the device
         with stage("crop_resize", self.device):
             patches, normalised = self._patches(on_device, boxes)  # (B, K, 3, S, S)
         with stage("local", self.device):
             with self._autocast():
-                logits = self._local(patches, g, normalised)
+                logits = self._local(pad_batch(patches, shaped), g, normalised)[:b]
         return logits.float().reshape(-1), boxes.long(), fmap
 
     def _select(self, fmap: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -287,7 +316,8 @@ class TorchCudaRunner:
 
 
 def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | None = None,
-                    compile_mode: str | None = None, max_batch: int = 256) -> tuple[TorchCudaRunner, ModelInfo]:
+                    compile_mode: str | None = None, max_batch: int = 256,
+                    shape_step: int = 32) -> tuple[TorchCudaRunner, ModelInfo]:
     """The torch CUDA backend for the weights at `model_path` (None: the shipped default model)."""
     from scanner.weights import load_detector
 
@@ -297,5 +327,5 @@ def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | 
     device = torch.device("cuda", torch.cuda.current_device())
     model, info = load_detector(model_path, device=device)
     runner = TorchCudaRunner(model, device, precision=precision, use_kernels=use_kernels, compile_mode=compile_mode,
-                             max_batch=max_batch)
+                             max_batch=max_batch, shape_step=shape_step)
     return runner.eval(), info
