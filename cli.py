@@ -110,7 +110,7 @@ def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
               help="Image decoding; dali: JPEGs decoded in batches by NVIDIA DALI (nvJPEG on a GPU; CPU mode "
               "without one), other formats on the CPU (pip install 'scanner[dali]'); cpu: decode threads "
               "(--workers); nvjpeg: JPEGs decoded in batches on the GPU by torchvision's nvJPEG, for GPUs without DALI; "
-              "auto: dali with a CUDA GPU and DALI installed, else cpu.")
+              "auto: when the model runs on a CUDA GPU, dali if installed, else nvjpeg; on the CPU, cpu.")
 @click.option("--threshold", type=float, default=None,
               help="Score at or above which the label is synthetic; default: the model's calibrated threshold.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, help="Refuse larger images (decompression bombs).")
@@ -139,7 +139,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
         raise ScannerError("nothing to scan: pass directories, files or URLs, or --from-list FILE")
     options = ScanOptions(batch_size=batch_size, workers=workers, threshold=threshold, fmt=fmt, force=force,
                           decode=DecodeOptions(max_pixels=max_pixels, downscale_large=downscale_large),
-                          loader=resolve_loader(loader))
+                          loader=loader)
+    resolve_loader(loader)  # a missing DALI or GPU is an error before anything starts
     options.validate()
     _threads(threads)
     if quiet:
@@ -243,7 +244,8 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
             paths = generate_images(work / "images", generate or 64, parse_sizes(sizes), seed)
         if arch:
             model_path = untrained_model(arch, work)
-        opts = BenchOptions(backend=backend, loader=resolve_loader(loader), batch_sizes=batches, workers=workers,
+        resolve_loader(loader)  # a missing DALI or GPU is an error before anything starts
+        opts = BenchOptions(backend=backend, loader=loader, batch_sizes=batches, workers=workers,
                             threads=threads, model_path=model_path, engines_dir=engines_dir, naive=not no_naive,
                             rounds=rounds)
         report = run_bench(paths, opts, work, log=lambda msg: click.echo(f"scanner: {msg}", err=True))

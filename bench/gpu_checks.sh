@@ -35,7 +35,7 @@ want scan && TAIL=6 step scan_gpu 120 python3 bench/gpu_scan_check.py --images 2
 if want loaders; then
   python3 -c "from pathlib import Path; from scanner.bench_inputs import generate_images as g
 g(Path('/tmp/loader_images'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
-  for loader in cpu nvjpeg; do
+  for loader in ${LOADERS:-cpu nvjpeg}; do
     TAIL=14 step "loader_$loader" 150 python3 cli.py bench /tmp/loader_images --limit 1024 --batch-size 128,256 \
       --backend torch --loader $loader --workers 12 --no-naive --json "$O/loader_$loader.json"
   done

@@ -6,8 +6,9 @@ Each configuration runs in its own process, so that cuDNN's per-shape set-up and
 compilation are paid inside the measurement as a scan would pay them:
 
 1. Fixed shapes: a stream of batches of varying size (as the scan's pixel budget cuts them),
-   eager fp16, with the runner's shape_step 0 (each batch as given) and 32 (padded). Reported: the
-   first pass (cold: every new shape's set-up) and a second pass (warm), in seconds and images/s.
+   eager fp16, with the runner's min_shape 0 (each batch as given) and 32 (power-of-two chunks,
+   the rest padded). Reported: the first pass (cold: every new shape's set-up) and a second pass
+   (warm), in seconds and images/s.
 2. torch.compile: batches of a fixed size, compile_mode none / default / reduce-overhead (CUDA
    graphs). Reported: the first pass (compilation included), the best later pass in images/s, and
    the largest logit difference to the eager run on the same images.
@@ -46,7 +47,7 @@ def child(args) -> dict:
         i += b
     mode = None if args.mode == "none" else args.mode
     runner, _ = load_torch_cuda(None, precision="fp16", use_kernels=True, compile_mode=mode,
-                                shape_step=args.shape_step)
+                                min_shape=args.min_shape)
     passes, logits = [], None
     for _ in range(args.passes):
         torch.cuda.synchronize()
@@ -58,7 +59,7 @@ def child(args) -> dict:
     if args.logits:
         torch.save(logits, args.logits)
     n = sum(batches)
-    return {"mode": args.mode, "shape_step": args.shape_step, "batches": batches, "images": n,
+    return {"mode": args.mode, "min_shape": args.min_shape, "batches": batches, "images": n,
             "first_pass_s": passes[0], "later_passes_s": passes[1:],
             "first_img_s": n / passes[0], "best_later_img_s": n / min(passes[1:]) if passes[1:] else None,
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--logits", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="none")
-    parser.add_argument("--shape-step", type=int, default=32)
+    parser.add_argument("--min-shape", type=int, default=32)
     parser.add_argument("--batches", default=",".join(map(str, VARYING)))
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--distinct", type=int, default=192, help="distinct images, reused cyclically")
@@ -106,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for step in (0, 32):
-        rows.append(spawn(f"varying_step{step}", ["--shape-step", str(step), "--passes", "2"], work, args.timeout))
+    for min_shape in (0, 32):
+        rows.append(spawn(f"varying_min{min_shape}", ["--min-shape", str(min_shape), "--passes", "2"], work,
+                          args.timeout))
         print(json.dumps(rows[-1]), flush=True)
     fixed = ",".join([str(args.compile_batch)] * 6)
-    for mode in args.compile_modes.split(","):
+    for mode in filter(None, args.compile_modes.split(",")):
         logits = work / f"logits_{mode}.pt"
         rows.append(spawn(f"compile_{mode}", ["--mode", mode, "--batches", fixed, "--passes", "3",
                                               "--logits", str(logits)], work, args.timeout))

@@ -61,7 +61,7 @@ class ScanOptions:
     fmt: str = "jsonl"
     force: bool = False  # start over instead of resuming
     fsync_interval: float = 5.0
-    loader: str = "cpu"  # "cpu" | "dali" | "auto" (scanner.loaders.resolve_loader)
+    loader: str = "cpu"  # "cpu" | "dali" | "nvjpeg" | "auto" (scanner.loaders.resolve_loader)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -226,9 +226,10 @@ def scan(inputs, out_path, model, info, *, from_list: str | None = None, options
         inputs = [inputs]
     items = iter_sources([os.fspath(i) for i in inputs], from_list=from_list, max_bytes=options.decode.max_bytes)
     workers = default_workers() if options.workers is None else options.workers
-    loader_name = resolve_loader(options.loader)
+    device = model_device(model)
+    loader_name = resolve_loader(options.loader, device)  # auto: decode where the model computes
     loader = None if loader_name == "cpu" else make_loader(loader_name, model_id=info.model_id, options=options.decode,
-                                                          batch_size=options.batch_size, device=model_device(model))
+                                                          batch_size=options.batch_size, device=device)
     stop = stop or threading.Event()
     model.eval()
     with ResultStore(out_path, fmt=options.fmt, force=options.force, model_id=info.model_id,

@@ -321,6 +321,8 @@ def test_resolve_loader(monkeypatch):
     assert loaders.resolve_loader("dali") == "dali"  # honoured without a GPU: DALI's CPU mode
     monkeypatch.setattr(loaders, "cuda_available", lambda: True)
     assert loaders.resolve_loader("auto") == "dali"
+    assert loaders.resolve_loader("auto", torch.device("cuda", 0)) == "dali"
+    assert loaders.resolve_loader("auto", torch.device("cpu")) == "cpu"  # a CPU model: decode on the CPU
     with pytest.raises(ScannerError, match="not one of"):
         loaders.resolve_loader("nvdec")
 
@@ -332,7 +334,7 @@ def test_dali_not_installed_is_a_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loaders, "dali_installed", lambda: False)
     monkeypatch.setattr(loaders, "cuda_available", lambda: True)
-    assert loaders.resolve_loader("auto") == "cpu"
+    assert loaders.resolve_loader("auto") == "nvjpeg"  # the GPU decoder without DALI
     with pytest.raises(ScannerError, match=r"pip install 'scanner\[dali\]'"):
         loaders.resolve_loader("dali")
     (tmp_path / "in").mkdir()

@@ -36,7 +36,7 @@ from scanner.backends.torch_cuda import (
     native_layout,
     orient_chw,
     pad_batch,
-    padded_size,
+    shape_plan,
     stage_images,
 )
 from scanner.config import ModelConfig
@@ -744,9 +744,22 @@ def test_runner_on_the_cpu_matches_the_detector(tiny_detector, fuse):
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
 
 
-def test_padded_size_and_pad_batch():
-    assert [padded_size(b, 32) for b in (1, 31, 32, 33, 256)] == [32, 32, 32, 64, 256]
-    assert [padded_size(b, 0) for b in (1, 7)] == [1, 7]
+def test_shape_plan():
+    assert shape_plan(211, 256, 32) == [(128, 128), (64, 64), (19, 32)]
+    assert shape_plan(256, 256, 32) == [(256, 256)]
+    assert shape_plan(600, 256, 32) == [(256, 256), (256, 256), (64, 64), (24, 32)]
+    assert shape_plan(3, 256, 32) == [(3, 32)]
+    assert shape_plan(40, 256, 32) == [(32, 32), (8, 32)]
+    assert shape_plan(5, 3, 32) == [(2, 2), (2, 2), (1, 2)]  # max_batch 3: powers of two up to 2
+    assert shape_plan(7, 200, 20) == [(7, 32)]  # min_shape rounds up to a power of two
+    assert shape_plan(7, 3, 0) == [(3, 3), (3, 3), (1, 1)]  # 0: chunks as given
+    for batch in range(1, 600, 7):  # every image exactly once, only power-of-two shapes from 32 to 256
+        plan = shape_plan(batch, 256, 32)
+        assert sum(take for take, _ in plan) == batch
+        assert all(take <= shaped and shaped in (32, 64, 128, 256) for take, shaped in plan)
+
+
+def test_pad_batch():
     t = torch.arange(6.0).view(2, 3)
     assert pad_batch(t, 2) is t
     padded = pad_batch(t, 5)
@@ -754,12 +767,12 @@ def test_padded_size_and_pad_batch():
 
 
 def test_runner_pads_batches_to_fixed_shapes_without_changing_results(tiny_detector):
-    """Chunks of 3 and 2 images reach the networks as batches of 4; results are those of the detector."""
+    """7 images reach the networks as batches of 4 and 3 + 1 zero image; results are those of the detector."""
     seen = []  # rows into the embedding: the global branch's, then the local branch's (4 images x K patches)
     hook = tiny_detector.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     try:
-        runner = TorchCudaRunner(tiny_detector, "cpu", precision="fp32", use_kernels=False, max_batch=3, shape_step=4)
-        images = _noise_images(3, SHAPES[:5])
+        runner = TorchCudaRunner(tiny_detector, "cpu", precision="fp32", use_kernels=False, max_batch=8, min_shape=4)
+        images = _noise_images(3, SHAPES[:7])
         runner.keep_fmap = True
         got = runner.eval()(images)
     finally:
@@ -768,7 +781,7 @@ def test_runner_pads_batches_to_fixed_shapes_without_changing_results(tiny_detec
     assert seen == [4, 4 * k, 4, 4 * k]
     with torch.inference_mode():
         want = tiny_detector(images)
-    assert got.logits.shape == (5,) and got.fmap.shape[0] == 5
+    assert got.logits.shape == (7,) and got.fmap.shape[0] == 7
     assert torch.equal(got.boxes, want.boxes)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
 
@@ -780,8 +793,8 @@ def test_runner_arguments(tiny_detector):
         TorchCudaRunner(tiny_detector, "cpu", use_kernels=True)
     with pytest.raises(ValueError, match="no images"):
         TorchCudaRunner(tiny_detector, "cpu", precision="fp32")([])
-    with pytest.raises(ScannerError, match="shape_step must be >= 0"):
-        TorchCudaRunner(tiny_detector, "cpu", shape_step=-1)
+    with pytest.raises(ScannerError, match="min_shape must be >= 0"):
+        TorchCudaRunner(tiny_detector, "cpu", min_shape=-1)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the message on a machine without a GPU")

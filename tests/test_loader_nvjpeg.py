@@ -118,7 +118,10 @@ def test_resolve_and_make(monkeypatch):
     monkeypatch.setattr(loaders, "cuda_available", lambda: True)
     monkeypatch.setattr(loaders, "dali_installed", lambda: False)
     assert loaders.resolve_loader("nvjpeg") == "nvjpeg"
-    assert loaders.resolve_loader("auto") == "cpu"  # never picked without being asked for
+    assert loaders.resolve_loader("auto") == "nvjpeg"  # a GPU without DALI
+    assert loaders.resolve_loader("auto", torch.device("cuda", 0)) == "nvjpeg"
+    assert loaders.resolve_loader("auto", torch.device("cpu")) == "cpu"  # the model on the CPU: decode there
+    assert loaders.resolve_loader("auto", "cpu") == "cpu"
     made = loaders.make_loader("nvjpeg", model_id="m", device=torch.device("cpu"))
     assert isinstance(made, NvjpegLoader) and made.target == torch.device("cpu")
 
@@ -126,11 +129,13 @@ def test_resolve_and_make(monkeypatch):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_nvjpeg_loader_matches_the_cpu_decoder_closely():
+    """4:4:4 JPEGs of noise: no chroma upsampling, so only the IDCTs' rounding may differ. (4:2:0
+    noise differs by a mean of 12.9 on an H100: nvJPEG upsamples chroma otherwise than libjpeg.)"""
     loader = NvjpegLoader("m", device="cuda")
-    files = {f"{i}.jpg": _jpeg(64 + 7 * i, 48 + 5 * i, i) for i in range(6)} | {"p.png": _png(9, 9)}
+    files = {f"{i}.jpg": _jpeg(64 + 7 * i, 48 + 5 * i, i, subsampling=0) for i in range(6)} | {"p.png": _png(9, 9)}
     loaded = loader.load(_prepared(loader, files))
     assert [p.item.id for p in loaded] == list(files) and loader.fallbacks == 0
     for p, data in zip(loaded, files.values()):
         assert p.image.device.type == "cuda"
         diff = (p.image.cpu().int() - decode(data).image.int()).abs().float()
-        assert diff.mean() < 8  # chroma upsampling differs from libjpeg's (mean 2.4 seen on an H200)
+        assert diff.mean() < 1.5, diff.mean()

@@ -12,10 +12,12 @@ differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references ru
 (`use_kernels=None` picks; the choice is logged once). torch.compile (mode "reduce-overhead" = CUDA
 graphs) only behind `compile_mode`, to be measured on a GPU first.
 
-Fixed batch shapes: the networks see batches padded with zero images up to a multiple of
-`shape_step`. The scan's pixel budget cuts batches of large images into sizes that vary, and cuDNN
-(and a compiled graph) pays seconds of set-up for every new shape; padded, a scan meets at most
-max_batch / shape_step of them. Padded rows never reach the PSM, the crop-resize or the results.
+Fixed batch shapes: cuDNN pays seconds of set-up for every new batch shape (and torch.compile
+compiles one graph per shape), and the scan's pixel budget cuts batches of large images into sizes
+that vary. So the networks see only power-of-two batches between `min_shape` and max_batch: a batch
+of 211 runs as 128 + 64 + 19 padded with zero images to 32 (H100: a cold stream of twelve varying
+batches took 27 s as given, 16 s padded to multiples of 32; docs/benchmarks.md). Padded rows never
+reach the PSM, the crop-resize or the results.
 
 Contract (scanner.inference): `runner.eval()`, `runner(images) -> DetectorOutput` with logits (B,)
 and boxes (B, K, 4) int64 on the CPU. `load_torch_cuda(model_path) -> (runner, info)`.
@@ -165,9 +167,26 @@ def decode_jpeg_cuda(data: Sequence[bytes], device: str | torch.device = "cuda")
 # -- fixed batch shapes -----------------------------------------------------------------------------------
 
 
-def padded_size(batch: int, step: int) -> int:
-    """The batch size the networks see: `batch` rounded up to a multiple of `step` (0: unchanged)."""
-    return batch if step <= 0 else -(-batch // step) * step
+def shape_plan(batch: int, max_batch: int, min_shape: int) -> list[tuple[int, int]]:
+    """How a batch runs: [(images, batch size the networks see)], in order, covering `batch` images.
+
+    min_shape 0: chunks of max_batch, as given. Else power-of-two chunks, each the largest that fits
+    what is left (at most max_batch), and a rest below min_shape padded up to it: 211 with max_batch
+    256 and min_shape 32 -> (128, 128), (64, 64), (19, 32).
+    """
+    if min_shape <= 0:
+        return [(min(max_batch, batch - i), min(max_batch, batch - i)) for i in range(0, batch, max_batch)]
+    top = 1 << (max_batch.bit_length() - 1)  # the largest power of two <= max_batch
+    floor = min(top, 1 << (min_shape - 1).bit_length())  # min_shape rounded up to a power of two
+    plan, left = [], batch
+    while left > 0:
+        if left < floor:
+            plan.append((left, floor))
+            break
+        size = min(top, 1 << (left.bit_length() - 1))
+        plan.append((size, size))
+        left -= size
+    return plan
 
 
 def pad_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
@@ -186,27 +205,28 @@ class TorchCudaRunner:
 
     model: a Detector on `device` (eval mode). precision: "fp16" | "bf16" autocast, or "fp32".
     use_kernels: True (required), False (references), None (kernels when available).
-    shape_step: the networks see batches padded to a multiple of it (0: as given); see the module doc.
+    min_shape: the networks see power-of-two batches from it to max_batch (0: chunks of max_batch as
+    given); see the module doc.
     fuse_normalise: the crop-resize kernel applies the local backbone's mean/std, and the local
     branch calls the trunk directly (one elementwise pass over the patches saved).
     """
 
     def __init__(self, model: Detector, device: str | torch.device = "cuda", precision: str = "fp16",
                  use_kernels: bool | None = None, fuse_normalise: bool = True, compile_mode: str | None = None,
-                 max_batch: int = 256, shape_step: int = 32):
+                 max_batch: int = 256, min_shape: int = 32):
         if precision not in PRECISIONS:
             raise ScannerError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         if max_batch < 1:
             raise ScannerError(f"max_batch must be >= 1; got {max_batch}")
-        if shape_step < 0:
-            raise ScannerError(f"shape_step must be >= 0 (0: no padding); got {shape_step}")
+        if min_shape < 0:
+            raise ScannerError(f"min_shape must be >= 0 (0: batches as given); got {min_shape}")
         self.model = model
         self.cfg = model.cfg
         self.device = torch.device(device)
         self.amp_dtype = PRECISIONS[precision]
         self.precision = precision
         self.max_batch = max_batch
-        self.shape_step = shape_step
+        self.min_shape = min_shape
         self.keep_fmap = False  # tests and benchmarks read the global feature map
         self.use_kernels = self._decide_kernels(use_kernels)
         self.fuse_normalise = fuse_normalise
@@ -246,7 +266,10 @@ class TorchCudaRunner:
         float32 on the device and boxes (B, K, 4) int64 on the CPU."""
         if not images:
             raise ValueError("no images")
-        parts = [self._run(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        parts, start = [], 0
+        for take, shaped in shape_plan(len(images), self.max_batch, self.min_shape):
+            parts.append(self._run(images[start : start + take], shaped))
+            start += take
         logits = torch.cat([p[0] for p in parts])
         boxes = torch.cat([p[1] for p in parts]).cpu()
         fmap = torch.cat([p[2] for p in parts]) if self.keep_fmap else None
@@ -257,10 +280,10 @@ class TorchCudaRunner:
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     @torch.inference_mode()
-    def _run(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(self, images: list[torch.Tensor], shaped: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk of B images; the networks see `shaped` >= B rows (zero images appended)."""
         m, size = self.model, self.cfg.input_size
         b = len(images)
-        shaped = padded_size(b, self.shape_step)  # the batch size the networks see
         sizes = image_sizes(images)  # (B, 2) int64 on the CPU
         with stage("global", self.device):
             on_device = upload(images, self.device)  # (3, H, W) views
@@ -317,7 +340,7 @@ class TorchCudaRunner:
 
 def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | None = None,
                     compile_mode: str | None = None, max_batch: int = 256,
-                    shape_step: int = 32) -> tuple[TorchCudaRunner, ModelInfo]:
+                    min_shape: int = 32) -> tuple[TorchCudaRunner, ModelInfo]:
     """The torch CUDA backend for the weights at `model_path` (None: the shipped default model)."""
     from scanner.weights import load_detector
 
@@ -327,5 +350,5 @@ def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | 
     device = torch.device("cuda", torch.cuda.current_device())
     model, info = load_detector(model_path, device=device)
     runner = TorchCudaRunner(model, device, precision=precision, use_kernels=use_kernels, compile_mode=compile_mode,
-                             max_batch=max_batch, shape_step=shape_step)
+                             max_batch=max_batch, min_shape=min_shape)
     return runner.eval(), info

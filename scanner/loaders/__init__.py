@@ -6,10 +6,12 @@
           NVIDIA DALI right before inference (nvJPEG on a CUDA GPU, libjpeg-turbo in DALI's CPU mode),
           everything else by the CPU decoder as above (scanner.loaders.dali).
     nvjpeg  the same routing, with the batch's JPEGs decoded on a CUDA GPU by torchvision's nvJPEG,
-          for GPUs without DALI (scanner.loaders.nvjpeg). Only when asked for: not yet measured.
+          for GPUs without DALI (scanner.loaders.nvjpeg).
 
-`resolve_loader("auto")` picks dali only when `nvidia.dali` is importable AND a CUDA GPU is present:
-on the CPU, DALI decodes at about half torchvision's speed (shared/FACTS.md), so it is no gain there.
+`resolve_loader("auto", device)` decodes on the GPU only when the model computes on one: dali when
+`nvidia.dali` is importable, else nvjpeg (a GPU scan is bound by CPU decoding: on an H100 with 16
+cores, nvjpeg scanned 533 img/s where the CPU loader scanned 272, docs/benchmarks.md). On the CPU,
+DALI decodes at about half torchvision's speed (shared/FACTS.md), so auto never picks it there.
 `dali` without a GPU is honoured: DALI runs in CPU mode (logged), which computes the same pixels and
 is what the parity tests use. nvidia.dali is never imported here (importing scanner, `scanner --help`
 and the CPU tests must not need it).
@@ -48,13 +50,17 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_loader(name: str) -> str:
-    """"auto" | "cpu" | "dali" -> "cpu" | "dali". Raises ScannerError for an unknown name or for
-    "dali" when nvidia.dali is not installed."""
+def resolve_loader(name: str, device=None) -> str:
+    """"auto" | "cpu" | "dali" | "nvjpeg" -> one of LOADERS. device: where the model computes (None:
+    on the GPU when there is one). Raises ScannerError for an unknown name, for "dali" when
+    nvidia.dali is not installed and for "nvjpeg" without a CUDA GPU."""
     if name not in CHOICES:
         raise ScannerError(f"loader {name!r} is not one of {', '.join(CHOICES)}")
     if name == "auto":
-        return "dali" if dali_installed() and cuda_available() else "cpu"
+        on_gpu = cuda_available() if device is None else getattr(device, "type", str(device)).startswith("cuda")
+        if not on_gpu:
+            return "cpu"
+        return "dali" if dali_installed() else "nvjpeg"
     if name == "dali" and not dali_installed():
         raise ScannerError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT} "
                            "(or use --loader cpu)")
