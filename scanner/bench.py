@@ -128,7 +128,8 @@ def run_baseline(model, paths: list[Path], batch: int, workers: int) -> dict:
 
 def _warm_up(runner, naive_model, paths: list[Path], batch: int) -> None:
     """One full batch through each, untimed: session set-up, kernel compilation, and the per-shape
-    set-up of cuDNN (seen on an H200: ~2.5 s for the first batch of each new size) stay out."""
+    set-up of cuDNN (seen on an H200: ~2.5 s for the first batch of each new size) stay out. A
+    runner with fixed batch shapes (torch CUDA) also runs each smaller shape a scan meets."""
     from scanner.decode import decode
     from scanner.naive import naive_forward
 
@@ -142,6 +143,9 @@ def _warm_up(runner, naive_model, paths: list[Path], batch: int) -> None:
         return
     with torch.inference_mode():
         runner(images)
+        warm_shapes = getattr(runner, "warm_shapes", None)
+        if warm_shapes is not None:
+            warm_shapes(images)
     if naive_model is not None:
         naive_forward(naive_model, [img.float().div(255) for img in images])
 

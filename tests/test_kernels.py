@@ -786,6 +786,18 @@ def test_runner_pads_batches_to_fixed_shapes_without_changing_results(tiny_detec
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
 
 
+def test_warm_shapes_runs_each_shape_once(tiny_detector):
+    runner = TorchCudaRunner(tiny_detector, "cpu", precision="fp32", use_kernels=False, max_batch=8, min_shape=2)
+    seen = []  # rows into the embedding: global, then local, per shape
+    hook = tiny_detector.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        assert runner.warm_shapes(_noise_images(4, SHAPES)) == [2, 4, 8]
+    finally:
+        hook.remove()
+    assert seen[::2] == [2, 4, 8]
+    assert TorchCudaRunner(tiny_detector, "cpu", min_shape=0).warm_shapes(_noise_images(4, SHAPES[:3])) == []
+
+
 def test_runner_arguments(tiny_detector):
     with pytest.raises(ScannerError, match="precision 'int8'"):
         TorchCudaRunner(tiny_detector, "cpu", precision="int8")

@@ -275,6 +275,18 @@ class TorchCudaRunner:
         fmap = torch.cat([p[2] for p in parts]) if self.keep_fmap else None
         return DetectorOutput(logits=logits, boxes=boxes, fmap=fmap)
 
+    def warm_shapes(self, images: list[torch.Tensor]) -> list[int]:
+        """Run each batch shape that batches of up to len(images) images meet once, so that its
+        cuDNN set-up (seconds each) is paid now rather than inside a timed scan. Returns the shapes;
+        [] with min_shape 0, where every batch size is a shape of its own."""
+        if self.min_shape <= 0 or not images:
+            return []
+        shapes = sorted({shaped for n in range(1, len(images) + 1)
+                         for _, shaped in shape_plan(n, self.max_batch, self.min_shape)})
+        for shaped in shapes:
+            self._run(images[:shaped], shaped)
+        return shapes
+
     def _autocast(self):
         dtype, enabled = self.amp_dtype or torch.float32, self.amp_dtype is not None
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
