@@ -10,14 +10,15 @@ Same function as scanner.model.Detector (the reference, on any device): the kern
 reference's boxes and patches (kernels/*.cu say exactly how), and only the network's arithmetic
 differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references run on the GPU instead
 (`use_kernels=None` picks; the choice is logged once). torch.compile (mode "reduce-overhead" = CUDA
-graphs) only behind `compile_mode`, to be measured on a GPU first.
+graphs) only behind `compile_mode`: on an H100 it made the network 1.42x faster, but a scan is bound by
+reading and decoding, and each batch shape then costs ~20 s of compilation (docs/benchmarks.md).
 
 Fixed batch shapes: cuDNN pays seconds of set-up for every new batch shape (and torch.compile
 compiles one graph per shape), and the scan's pixel budget cuts batches of large images into sizes
 that vary. So the networks see only power-of-two batches between `min_shape` and max_batch: a batch
 of 211 runs as 128 + 64 + 19 padded with zero images to 32 (H100: a cold stream of twelve varying
-batches took 27 s as given, 16 s padded to multiples of 32; docs/benchmarks.md). Padded rows never
-reach the PSM, the crop-resize or the results.
+batches took 30 s as given, 15 s so; 5% less warm throughput; docs/benchmarks.md). Padded rows
+never reach the PSM, the crop-resize or the results. `warm_shapes` pays every shape's set-up upfront.
 
 Contract (scanner.inference): `runner.eval()`, `runner(images) -> DetectorOutput` with logits (B,)
 and boxes (B, K, 4) int64 on the CPU. `load_torch_cuda(model_path) -> (runner, info)`.

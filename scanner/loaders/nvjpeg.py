@@ -1,6 +1,6 @@
 """The nvjpeg loader: plain JPEGs decoded a batch at a time on the GPU by torchvision's nvJPEG
 (`torchvision.io.decode_jpeg(device="cuda")`), everything else by the CPU decoder. For CUDA machines
-without DALI (`--loader nvjpeg`).
+without DALI (`--loader nvjpeg`, and what `auto` picks there for a model on the GPU).
 
 Routing is the dali loader's (scanner.loaders.dali.route: a well-formed baseline or progressive JPEG,
 RGB or grey, no EXIF rotation, within the pixel budget). A file nvJPEG refuses, or decodes to another
