@@ -10,6 +10,7 @@ largest score difference between the two (they compute the same function).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -23,6 +24,7 @@ import torch
 
 from scanner import stages
 from scanner.errors import ScannerError
+from scanner.loaders import model_device, resolve_loader
 
 
 @dataclass
@@ -174,11 +176,7 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
     runner, info = load_backend(backend, opts.model_path, threads=opts.threads, engines_dir=opts.engines_dir,
                                 cache_dir=work_dir / "onnx" if opts.model_path and _scratch(opts.model_path, work_dir)
                                 else None)
-    from dataclasses import replace
-
-    from scanner.loaders import model_device, resolve_loader
-
-    opts = replace(opts, loader=resolve_loader(opts.loader, model_device(runner)))  # auto: as the scan resolves it
+    opts = dataclasses.replace(opts, loader=resolve_loader(opts.loader, model_device(runner)))  # auto: as the scan resolves it
     baseline = None
     if opts.naive:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -170,11 +170,16 @@ def test_run_bench_reports_both_rates_every_stage_and_agreement(tiny_weights, tm
     assert report["environment"]["cores"] >= 1 and report["environment"]["torch"] == torch.__version__
 
 
-def test_bench_without_the_baseline(tiny_weights, tmp_path):
+def test_bench_without_the_baseline(tiny_weights, tmp_path, monkeypatch):
+    from scanner import loaders
+
+    # A GPU in the machine but the model on the CPU: auto decodes on the CPU, and the report says so.
+    monkeypatch.setattr(loaders, "cuda_available", lambda: True)
     paths = generate_images(tmp_path / "imgs", 3, [(50, 50)])
-    report = run_bench(paths, BenchOptions(backend="torch", batch_sizes=[2], workers=0, model_path=tiny_weights,
-                                           naive=False), tmp_path, log=lambda msg: None)
+    report = run_bench(paths, BenchOptions(backend="torch", loader="auto", batch_sizes=[2], workers=0,
+                                           model_path=tiny_weights, naive=False), tmp_path, log=lambda msg: None)
     assert report["naive_images_per_s"] is None and report["ratio"] is None and report["images_per_s"] > 0
+    assert report["loader"] == "cpu"
 
 
 def test_bench_refuses_bad_options(tiny_weights, tmp_path):

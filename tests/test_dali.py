@@ -383,3 +383,15 @@ def test_gpu_corrupt_file_isolated():
     results = gpu.decode(files)
     assert results[1].error.kind == "decode"
     assert results[0].image.device.type == "cuda" and results[2].image.device.type == "cuda"
+
+
+def test_scan_auto_decodes_where_the_model_computes(tree, detector, tmp_path, monkeypatch):
+    """A GPU in the machine and DALI installed, but the model on the CPU: auto makes no GPU loader."""
+    import scanner.scan as scan_module
+
+    monkeypatch.setattr(loaders, "cuda_available", lambda: True)
+    monkeypatch.setattr(loaders, "dali_installed", lambda: True)
+    made = []
+    monkeypatch.setattr(scan_module, "make_loader", lambda name, **kw: made.append(name))
+    records, _ = scan_records(tree, tmp_path / "auto.jsonl", detector, loader="auto")
+    assert made == [] and len(records) == len(list(tree.iterdir()))
