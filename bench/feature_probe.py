@@ -71,7 +71,7 @@ def features(samples, condition: str, work: Path) -> dict[str, np.ndarray]:
     if cache.is_file():
         data = np.load(cache)
         if list(data["paths"]) == paths:
-            return {k: data[k] for k in data.files if k not in ("paths", "labels", "sources")}
+            return {k: data[k] for k in data.files if k not in ("paths", "labels")}
     out = extract(samples, condition)
     np.savez(cache, paths=np.array(paths), labels=np.array([s.label for s in samples]), **out)
     return out
@@ -110,12 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    import torch
-
     from scanner.data import find_samples
     from scanner.leave_one_out import generators_of
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     samples = find_samples(args.data)

@@ -18,6 +18,7 @@ computed by torch on the CPU, and their float16 / bfloat16 roundings.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import shutil
 import subprocess
@@ -766,18 +767,25 @@ def test_pad_batch():
     assert padded.shape == (5, 3) and torch.equal(padded[:2], t) and not padded[2:].any()
 
 
-def test_runner_pads_batches_to_fixed_shapes_without_changing_results(tiny_detector):
-    """7 images reach the networks as batches of 4 and 3 + 1 zero image; results are those of the detector."""
-    seen = []  # rows into the embedding: the global branch's, then the local branch's (4 images x K patches)
-    hook = tiny_detector.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+@contextlib.contextmanager
+def _embedding_rows(detector):
+    """The row count of every call into the detector's embedding (global branch, then local branch)."""
+    seen: list[int] = []
+    hook = detector.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     try:
-        runner = TorchCudaRunner(tiny_detector, "cpu", precision="fp32", use_kernels=False, max_batch=8, min_shape=4)
-        images = _noise_images(3, SHAPES[:7])
-        runner.keep_fmap = True
-        got = runner.eval()(images)
+        yield seen
     finally:
         hook.remove()
-    k = got.boxes.shape[1]
+
+
+def test_runner_pads_batches_to_fixed_shapes_without_changing_results(tiny_detector):
+    """7 images reach the networks as batches of 4 and 3 + 1 zero image; results are those of the detector."""
+    runner = TorchCudaRunner(tiny_detector, "cpu", precision="fp32", use_kernels=False, max_batch=8, min_shape=4)
+    runner.keep_fmap = True
+    images = _noise_images(3, SHAPES[:7])
+    with _embedding_rows(tiny_detector) as seen:
+        got = runner.eval()(images)
+    k = got.boxes.shape[1]  # the local branch embeds 4 images x K patches
     assert seen == [4, 4 * k, 4, 4 * k]
     with torch.inference_mode():
         want = tiny_detector(images)
@@ -788,13 +796,9 @@ def test_runner_pads_batches_to_fixed_shapes_without_changing_results(tiny_detec
 
 def test_warm_shapes_runs_each_shape_once(tiny_detector):
     runner = TorchCudaRunner(tiny_detector, "cpu", precision="fp32", use_kernels=False, max_batch=8, min_shape=2)
-    seen = []  # rows into the embedding: global, then local, per shape
-    hook = tiny_detector.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    try:
+    with _embedding_rows(tiny_detector) as seen:
         assert runner.warm_shapes(_noise_images(4, SHAPES)) == [2, 4, 8]
-    finally:
-        hook.remove()
-    assert seen[::2] == [2, 4, 8]
+    assert seen[::2] == [2, 4, 8]  # the global branch of each shape
     assert TorchCudaRunner(tiny_detector, "cpu", min_shape=0).warm_shapes(_noise_images(4, SHAPES[:3])) == []
 
 
