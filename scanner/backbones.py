@@ -94,13 +94,38 @@ def load_lite0_imagenet(net: nn.Module) -> None:
     net.load_state_dict(state, strict=False)
 
 
+class _TruncatedTimmFeatures(nn.Module):
+    """The first blocks of a timm EfficientNet, average-pooled down to stride 32 (S/32 like every trunk)."""
+
+    def __init__(self, net: nn.Module, blocks: int):
+        super().__init__()
+        if not 1 <= blocks <= len(net.blocks):
+            raise ScannerError(f"model.trunk_blocks is {blocks}; this backbone has blocks 1-{len(net.blocks)}")
+        # Parameter names stay net.<...> so freeze prefixes and checkpoints read the same as untruncated.
+        net.blocks = net.blocks[:blocks]
+        net.conv_head = nn.Identity()
+        net.bn2 = nn.Identity()
+        self.net = net
+        with torch.no_grad():
+            probe = net.eval().forward_features(torch.zeros(1, 3, 64, 64))
+        self.channels = probe.shape[1]
+        self.pool = probe.shape[-1] // 2  # 64 px in: 2 px out at stride 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net.forward_features(x)
+        return nn.functional.avg_pool2d(x, self.pool) if self.pool > 1 else x
+
+
 def _efficientnet_lite0(cfg: ModelConfig) -> Backbone:
     import timm
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, global_pool="")
     if cfg.pretrained:
-        load_lite0_imagenet(net)
-    return Backbone(_TimmFeatures(net), net.num_features, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        load_lite0_imagenet(net)  # by position: before any truncation
+    if cfg.trunk_blocks is None:
+        return Backbone(_TimmFeatures(net), net.num_features, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    trunk = _TruncatedTimmFeatures(net, cfg.trunk_blocks)
+    return Backbone(trunk, trunk.channels, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def _load_state_dict(path) -> dict[str, torch.Tensor]:

@@ -35,6 +35,9 @@ class ModelConfig:
     patch_sizes: tuple[int, ...] = (224, 112)
     # The reference code shares one trunk between the global and the local branch.
     shared_trunk: bool = True
+    # efficientnet_lite0 only: keep the first N of its 7 blocks (None: all, with conv_head). Mid-level
+    # features tell unseen generators apart better than the deep ones (docs/feature_probe_lite0.json).
+    trunk_blocks: int | None = None
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -45,6 +48,8 @@ class ModelConfig:
             )
         if len(self.windows) != len(self.patch_sizes):
             raise ScannerError("model.windows and model.patch_sizes must have the same length")
+        if self.trunk_blocks is not None and self.backbone != "efficientnet_lite0":
+            raise ScannerError("model.trunk_blocks applies to backbone efficientnet_lite0 only")
         if self.embed_dim % self.fusion_heads:
             raise ScannerError("model.embed_dim must be divisible by model.fusion_heads")
 
