@@ -3,8 +3,8 @@
     python bench/embedding_probe.py --data ../shared/data/dev --model runs/loo_mid_b4/stylegan2/last.safetensors \
         --generator stylegan2
 
-For a leave-one-out fold's weights, scores the held-out generator's sources (against the held-out
-real photos and the sources' own reals) three ways: the detector itself; a logistic regression on
+For a leave-one-out fold's weights, scores the held-out generator (mean AP over its sources, each
+against the held-out real photos and its own reals) three ways: the detector itself; a logistic regression on
 the trunk's pooled global features (what the trained layers read); and one on the trained embedding
 g of the global view (what AFFM and the head read). Both probes are fitted on a seeded sample of the
 fold's training split. If the trunk probe sees the generator and the embedding probe does not, the
@@ -58,11 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regressions")
     args = parser.parse_args(argv)
 
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
+    from bench.feature_probe import fit_probe, held_out_ap
     from scanner.data import find_samples, split_by_source
-    from scanner.evaluate import per_source_ap
     from scanner.leave_one_out import generators_of
     from scanner.weights import load_detector
 
@@ -77,16 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     trunk_te, embed_te, logits = run_model(model, held, with_logits=True)
     labels = np.array([s.label for s in train])
 
-    def report(name, scores):
-        aps = per_source_ap(held, scores)
-        print(f"{name:<34} " + " ".join(f"{s}={aps[s]:.3f}" for s in sources if aps.get(s) is not None))
-
-    report("detector", logits)
+    print(f"{'detector':<30} AP {held_out_ap(held, logits, sources):.3f}")
     for name, fit_x, test_x in (("probe on trunk features", trunk_tr, trunk_te),
                                 ("probe on trained embedding g", embed_tr, embed_te)):
-        scaler = StandardScaler().fit(fit_x)
-        clf = LogisticRegression(C=args.c, max_iter=3000, class_weight="balanced").fit(scaler.transform(fit_x), labels)
-        report(name, clf.predict_proba(scaler.transform(test_x))[:, 1])
+        print(f"{name:<30} AP {held_out_ap(held, fit_probe(fit_x, labels, args.c)(test_x), sources):.3f}")
     return 0
 
 

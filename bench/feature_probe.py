@@ -77,12 +77,25 @@ def features(samples, condition: str, work: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def probe(samples, feats: dict, generators: dict, depth: list[str], augment: bool, c: float) -> dict:
+def fit_probe(x: np.ndarray, y: np.ndarray, c: float):
+    """A logistic regression on standardised features, classes balanced; returns its scorer."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from scanner.data import split_by_source
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(scaler.transform(x), y)
+    return lambda z: clf.predict_proba(scaler.transform(z))[:, 1]
+
+
+def held_out_ap(held, scores: np.ndarray, sources) -> float:
+    """Mean AP over the held-out generator's sources (each against the held-out reals)."""
     from scanner.evaluate import per_source_ap
+
+    return float(np.mean([ap for src, ap in per_source_ap(held, scores).items() if src in sources and ap is not None]))
+
+
+def probe(samples, feats: dict, generators: dict, depth: list[str], augment: bool, c: float) -> dict:
+    from scanner.data import split_by_source
 
     index = {s.path: i for i, s in enumerate(samples)}
     labels = np.array([s.label for s in samples])
@@ -93,12 +106,9 @@ def probe(samples, feats: dict, generators: dict, depth: list[str], augment: boo
         tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
         fit_x = np.concatenate([x["clean"][tr], x["jpeg75"][tr]]) if augment else x["clean"][tr]
         fit_y = np.concatenate([labels[tr]] * (2 if augment else 1))
-        scaler = StandardScaler().fit(fit_x)
-        clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(scaler.transform(fit_x), fit_y)
+        score = fit_probe(fit_x, fit_y, c)
         for cond in CONDITIONS:
-            scores = clf.predict_proba(scaler.transform(x[cond][te]))[:, 1]
-            aps = [ap for src, ap in per_source_ap(held, scores).items() if src in sources and ap is not None]
-            out[cond][gen] = float(np.mean(aps))
+            out[cond][gen] = held_out_ap(held, score(x[cond][te]), sources)
     return out
 
 

@@ -75,11 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
     args = parser.parse_args(argv)
 
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
+    from bench.feature_probe import fit_probe, held_out_ap
     from scanner.data import find_samples, split_by_source
-    from scanner.evaluate import per_source_ap
     from scanner.leave_one_out import generators_of
 
     work = Path(args.work)
@@ -94,13 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         for gen, sources in sorted(generators.items()):
             train, held = split_by_source(samples, tuple(sources), 0.3, 0)
             tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
-            scaler = StandardScaler().fit(feats[fit_view][tr])
-            clf = LogisticRegression(C=args.c, max_iter=3000, class_weight="balanced")
-            clf.fit(scaler.transform(feats[fit_view][tr]), labels[tr])
+            score = fit_probe(feats[fit_view][tr], labels[tr], args.c)
             for view in VIEWS:
-                scores = clf.predict_proba(scaler.transform(feats[view][te]))[:, 1]
-                per_source = per_source_ap(held, scores)
-                aps[view].append(float(np.mean([per_source[s] for s in sources if per_source.get(s) is not None])))
+                aps[view].append(held_out_ap(held, score(feats[view][te]), sources))
         for view in VIEWS:
             cells = " ".join(f"{g[:9]}={a:.3f}" for g, a in zip(sorted(generators), aps[view]))
             print(f"fit {fit_view:<9} score {view:<9} {cells} mean={np.mean(aps[view]):.3f}", flush=True)
