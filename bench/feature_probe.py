@@ -65,16 +65,20 @@ def extract(samples, condition: str, batch: int = 64) -> dict[str, np.ndarray]:
     return {name: torch.cat(parts).numpy() for name, parts in feats.items()}
 
 
-def features(samples, condition: str, work: Path) -> dict[str, np.ndarray]:
-    cache = work / f"feats_{condition}.npz"
+def cached_features(cache: Path, samples, extract_fn) -> dict[str, np.ndarray]:
+    """extract_fn(samples) -> {name: (N, F) array}, kept in the .npz cache while the sample paths match."""
     paths = [str(s.path) for s in samples]
     if cache.is_file():
         data = np.load(cache)
-        if list(data["paths"]) == paths:
+        if "paths" in data.files and list(data["paths"]) == paths:
             return {k: data[k] for k in data.files if k not in ("paths", "labels")}
-    out = extract(samples, condition)
+    out = extract_fn(samples)
     np.savez(cache, paths=np.array(paths), labels=np.array([s.label for s in samples]), **out)
     return out
+
+
+def features(samples, condition: str, work: Path) -> dict[str, np.ndarray]:
+    return cached_features(work / f"feats_{condition}.npz", samples, lambda todo: extract(todo, condition))
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, c: float):

@@ -56,18 +56,6 @@ def extract(samples, batch: int = 64) -> dict[str, np.ndarray]:
     return {view: np.concatenate(parts) for view, parts in feats.items()}
 
 
-def features(samples, work: Path) -> dict[str, np.ndarray]:
-    cache = work / "feats_views.npz"
-    paths = [str(s.path) for s in samples]
-    if cache.is_file():
-        data = np.load(cache)
-        if "paths" in data.files and list(data["paths"]) == paths:
-            return {view: data[view] for view in VIEWS}
-    out = extract(samples)
-    np.savez(cache, paths=np.array(paths), **out)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -75,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
     args = parser.parse_args(argv)
 
-    from bench.feature_probe import fit_probe, held_out_ap
+    from bench.feature_probe import cached_features, fit_probe, held_out_ap
     from scanner.data import find_samples, split_by_source
     from scanner.leave_one_out import generators_of
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     samples = find_samples(args.data)
-    feats = features(samples, work)
+    feats = cached_features(work / "feats_views.npz", samples, extract)
     labels = np.array([s.label for s in samples])
     index = {s.path: i for i, s in enumerate(samples)}
     generators = generators_of(args.data)
