@@ -129,16 +129,39 @@ VARIANTS = [
     Variant("linear-probe-mean", linear_probe="mean"),
     Variant("recipe"),
     Variant("standardise", standardise=True),
-    Variant("standardise+wd0.05", standardise=True, weight_decay=0.05),
     Variant("standardise+wd0.5", standardise=True, weight_decay=0.5),
-    Variant("frozen-embed", freeze_embed=True),
-    Variant("standardise+frozen-embed", standardise=True, freeze_embed=True),
-    Variant("standardise+embed512", standardise=True, embed_dim=512),
-    Variant("standardise+frozen-embed512", standardise=True, freeze_embed=True, embed_dim=512),
     Variant("standardise+lr1e-5x20ep", standardise=True, lr=1e-5, epochs=20),
     Variant("standardise+20ep", standardise=True, epochs=20),
     Variant("standardise+token-drop0.3", standardise=True, token_dropout=0.3),
+    Variant("frozen-embed", freeze_embed=True),
+    Variant("standardise+frozen-embed", standardise=True, freeze_embed=True),
+    Variant("embed256", embed_dim=256),
+    Variant("embed512", embed_dim=512),
+    Variant("embed768", embed_dim=768),
+    Variant("standardise+embed256", standardise=True, embed_dim=256),
+    Variant("standardise+embed512", standardise=True, embed_dim=512),
+    Variant("standardise+embed768", standardise=True, embed_dim=768),
+    Variant("standardise+frozen-embed512", standardise=True, freeze_embed=True, embed_dim=512),
+    Variant("standardise+embed512+20ep", standardise=True, embed_dim=512, epochs=20),
+    Variant("standardise+embed512+wd5", standardise=True, embed_dim=512, weight_decay=5.0),
 ]
+
+
+def write_report(path: Path, protocol: dict, rows: list[dict]) -> None:
+    """Writes the rows; an existing report of the same protocol keeps its rows of other variants/seeds."""
+    kept = []
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in protocol} == protocol:
+            done = {(r["variant"], r["seed"]) for r in rows}
+            kept = [r for r in old["rows"] if (r["variant"], r["seed"]) not in done]
+    order = {v.name: i for i, v in enumerate(VARIANTS)}
+    rows = sorted(kept + rows, key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"]))
+    means = {}
+    for r in rows:
+        means.setdefault(r["variant"], []).append(r["mean_ap"])
+    summary = {v: {"seeds": len(m), **{c: float(np.mean([x[c] for x in m])) for c in m[0]}} for v, m in means.items()}
+    path.write_text(json.dumps({**protocol, "summary": summary, "rows": rows}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,10 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant.name:<30} seed {seed}  " + "  ".join(f"{c} {m:.3f}" for c, m in mean.items())
                   + "   clean: " + " ".join(f"{g} {a:.3f}" for g, a in ap["clean"].items()), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": args.config, "epochs": args.epochs,
-                                               "max_train_images": args.max_train_images,
-                                               "max_images_per_source": args.max_images_per_source,
-                                               "rows": rows}, indent=2) + "\n")
+        write_report(Path(args.json), {"config": args.config, "epochs": args.epochs,
+                                       "max_train_images": args.max_train_images,
+                                       "max_images_per_source": args.max_images_per_source}, rows)
     return 0
 
 
