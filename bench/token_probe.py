@@ -88,8 +88,10 @@ def train_head(cfg, variant: Variant, x: np.ndarray, y: np.ndarray, epochs: int,
     mcfg = dataclasses.replace(cfg.model, embed_dim=variant.embed_dim or cfg.model.embed_dim, pretrained=False)
     det = Detector(mcfg, seed=seed)
     embed, fusion, head = det.embed, det.fusion, det.head
-    mean = torch.from_numpy(x.reshape(-1, x.shape[-1]).mean(0)) if variant.standardise else torch.zeros(x.shape[-1])
-    std = torch.from_numpy(x.reshape(-1, x.shape[-1]).std(0) + 1e-6) if variant.standardise else torch.ones(x.shape[-1])
+    mean, std = 0.0, 1.0
+    if variant.standardise:
+        flat = torch.from_numpy(x.reshape(-1, x.shape[-1]))
+        mean, std = flat.mean(0), flat.std(0, correction=0) + 1e-6
 
     def forward(tokens: torch.Tensor) -> torch.Tensor:
         e = embed((tokens - mean) / std)  # the global token is last, as in Detector.local_fusion
@@ -184,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     from scanner.evaluate import _subsample as per_source_subsample
     from scanner.leave_one_out import CONDITIONS, generators_of
     from scanner.model import Detector
-    from scanner.train import _subsample
+    from scanner.train import _subsample, freeze
 
     cfg = load_config(args.config)
     model = Detector(cfg.model, seed=cfg.train.seed)
-    trunk = [n for n, _ in model.backbone.named_parameters(prefix="backbone")]
-    if any(not any(n.startswith(p) for p in cfg.train.freeze) for n in trunk):
+    freeze(model, tuple(cfg.train.freeze))
+    if any(p.requires_grad for p in model.backbone.parameters()):
         parser.error(f"{args.config} trains part of the trunk: its tokens are not fixed per image")
     samples = find_samples(args.data)
     generators = generators_of(args.data)
