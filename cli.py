@@ -207,8 +207,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
 @click.option("--threads", type=int, default=None, help="Intra-op threads of both (default: one per core).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Detector weights; default: the shipped model.")
-@click.option("--arch", default=None, help="Bench an untrained detector of this backbone instead (resnet50: the "
-              "paper's model; throughput does not depend on the weights).")
+@click.option("--arch", default=None, help="Bench an untrained detector of this backbone (resnet50: the paper's "
+              "model) or of a config YAML's model section instead; throughput does not depend on the weights.")
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="Rounds per batch size, ours and the baseline alternating; medians are reported.")
 @click.option("--no-naive", "no_naive", is_flag=True, help="Skip the naive baseline.")

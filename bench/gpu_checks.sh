@@ -8,10 +8,12 @@
 # shapes: fixed batch shapes and torch.compile modes (bench/shapes_bench.py).
 # scan: whole scan GPU vs CPU, nvJPEG vs CPU decode.  loaders: scanner bench with --loader cpu, then nvjpeg.
 # bench: scanner bench, ours vs naive, batch 32-256.
+# candidate: the shipped model against an untrained detector of $CANDIDATE (a config YAML; default the
+#   block-4 trunk of issue 7), same images, one after the other: kernels_bench end to end, then scanner bench.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 O=${OUT:-$PWD/gpu_checks_out}
-STEPS=${STEPS:-pytest sanitizer kernels shapes scan loaders bench}
+STEPS=${STEPS:-pytest sanitizer kernels shapes scan loaders bench candidate}
 mkdir -p "$O"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
   python3 -c "import torch,torchvision,sys;print(sys.version.split()[0],torch.__version__,torchvision.__version__,'cuda',torch.version.cuda)"
@@ -42,4 +44,23 @@ g(Path('/tmp/loader_images'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
 fi
 want bench && TAIL=30 step scanner_bench 240 python3 cli.py bench --generate 1024 --sizes 640x480,1024x768,1920x1080 \
   --batch-size 32,64,128,256 --backend torch --workers 12 --json "$O/scanner_bench.json"
+if want candidate; then
+  CANDIDATE=${CANDIDATE:-configs/experiments/mid_b4_e512.yaml}
+  cand=$(python3 -c "import sys; from pathlib import Path; from scanner.bench import untrained_model
+print(untrained_model(sys.argv[1], Path('/tmp')))" "$CANDIDATE") || exit 1
+  channels=$(python3 -c "import sys; from scanner.weights import load_detector
+print(load_detector(sys.argv[1])[0].backbone.channels)" "$cand")
+  for which in shipped candidate; do
+    if [ $which = shipped ]; then model=(); ch=1280; else model=(--model "$cand"); ch=$channels; fi
+    TAIL=16 step "kernels_$which" 120 python3 bench/kernels_bench.py --batches 64,128,256 --channels $ch \
+      --e2e-images 384 "${model[@]}" --out "$O/kernels_$which.json"
+  done
+  python3 -c "from pathlib import Path; from scanner.bench_inputs import generate_images as g
+g(Path('/tmp/cand_images'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
+  for which in shipped candidate; do
+    if [ $which = shipped ]; then model=(); else model=(--model "$cand"); fi
+    TAIL=14 step "bench_$which" 120 python3 cli.py bench /tmp/cand_images --limit 1024 --batch-size 128,256 \
+      --backend torch --workers 12 --rounds 2 --no-naive "${model[@]}" --json "$O/bench_$which.json"
+  done
+fi
 exit 0

@@ -283,14 +283,25 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 
 
 def untrained_model(arch: str, folder: Path) -> Path:
-    """Weights of an untrained detector of `arch` (throughput does not depend on the weights), for
-    benching an architecture no shipped model has, e.g. the paper's ResNet-50."""
-    from scanner.config import BACKBONES, ModelConfig
+    """Weights of an untrained detector (throughput does not depend on the weights), for benching an
+    architecture no shipped model has: `arch` names a backbone (e.g. the paper's resnet50) or a YAML
+    config whose model section to build (e.g. configs/experiments/mid_b4_e512.yaml)."""
+    import dataclasses
+
+    from scanner.config import BACKBONES, ModelConfig, load_config
     from scanner.model import Detector
     from scanner.weights import save_detector
 
-    if arch not in BACKBONES or arch == "tiny":
-        raise ScannerError(f"--arch {arch!r}: expected one of {', '.join(b for b in BACKBONES if b != 'tiny')}")
-    path = folder / f"untrained-{arch}.safetensors"
-    save_detector(Detector(ModelConfig(backbone=arch, pretrained=False), seed=0), path, name=f"untrained-{arch}")
+    if arch.endswith((".yaml", ".yml")):
+        if not Path(arch).is_file():
+            raise ScannerError(f"--arch {arch!r}: no such config file")
+        cfg = dataclasses.replace(load_config(arch).model, pretrained=False, backbone_weights=None)
+        label = Path(arch).stem
+    elif arch in BACKBONES and arch != "tiny":
+        cfg, label = ModelConfig(backbone=arch, pretrained=False), arch
+    else:
+        raise ScannerError(f"--arch {arch!r}: expected a config .yaml or one of "
+                           f"{', '.join(b for b in BACKBONES if b != 'tiny')}")
+    path = folder / f"untrained-{label}.safetensors"
+    save_detector(Detector(cfg, seed=0), path, name=f"untrained-{label}")
     return path

@@ -213,4 +213,15 @@ def test_cli_bench_a_folder_and_errors(tiny_weights, tmp_path):
     both = runner.invoke(main, ["bench", "--arch", "resnet50", "--model", str(tiny_weights)])
     assert both.exit_code == 2 and "exclude" in both.output
     arch = runner.invoke(main, ["bench", "--arch", "vgg", "--generate", "2"])
-    assert arch.exit_code == 2 and "expected one of" in arch.output
+    assert arch.exit_code == 2 and "expected a config .yaml or one of" in arch.output
+
+
+def test_untrained_model_of_a_config_file_keeps_its_model_section(tmp_path):
+    from scanner.bench import untrained_model
+    from scanner.weights import read_info
+
+    path = untrained_model(str(Path(__file__).parents[1] / "configs/experiments/mid_b4_e512.yaml"), tmp_path)
+    cfg = read_info(path).config
+    assert (cfg.backbone, cfg.trunk_blocks, cfg.embed_dim, cfg.pretrained) == ("efficientnet_lite0", 5, 512, False)
+    with pytest.raises(ScannerError, match="no such config file"):
+        untrained_model(str(tmp_path / "missing.yaml"), tmp_path)

@@ -860,12 +860,32 @@ def test_gpu_kernels_run_on_the_current_stream_and_other_threads():
     assert torch.equal(result["boxes"].long(), want)
 
 
-@pytest.fixture(scope="module")
-def cpu_detector():
+def _truncated_trunk_weights(folder: Path) -> Path:
+    """A detector on the Lite0 trunk cut after block 4, 512 wide (configs/experiments/mid_b4_e512.yaml):
+    the shipped model's ImageNet trunk (same parameter names), untrained embedding, AFFM and head."""
+    from safetensors.torch import load_file
+
+    from scanner.weights import DEFAULT_WEIGHTS, save_detector
+
+    torch.manual_seed(0)
+    model = Detector(ModelConfig(backbone="efficientnet_lite0", pretrained=False, trunk_blocks=5, embed_dim=512), seed=0)
+    trunk = {k: v.float() for k, v in load_file(str(DEFAULT_WEIGHTS)).items() if k.startswith("backbone.trunk.")}
+    missing, unexpected = model.backbone.load_state_dict(
+        {k.removeprefix("backbone."): v for k, v in trunk.items()}, strict=False)
+    assert not missing, missing  # every parameter of the cut trunk comes from the shipped one
+    path = folder / "trunk_blocks_5.safetensors"
+    save_detector(model, path, name="trunk-blocks-5")
+    return path
+
+
+@pytest.fixture(scope="module", params=["shipped", "trunk_blocks_5"])
+def cpu_detector(request, tmp_path_factory):
+    """Each architecture the runner serves: the shipped model and the cut trunk (issue 7's candidate)."""
     from scanner.weights import load_detector
 
-    model, info = load_detector(None, device="cpu")
-    return model, info
+    path = None if request.param == "shipped" else _truncated_trunk_weights(tmp_path_factory.mktemp("weights"))
+    model, info = load_detector(path, device="cpu")
+    return model, info, path
 
 
 @gpu
@@ -874,11 +894,11 @@ def cpu_detector():
 def test_gpu_runner_matches_the_cpu_detector(cpu_detector, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 really float32
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    model, _ = cpu_detector
+    model, _, path = cpu_detector
     images = _noise_images(0, SHAPES * 2)
     with torch.inference_mode():
         want = model(images)
-    runner, info = load_torch_cuda(None, precision="fp32", use_kernels=True)
+    runner, info = load_torch_cuda(path, precision="fp32", use_kernels=True)
     runner.keep_fmap = True
     got = runner(images)
     assert got.boxes.dtype == torch.int64 and got.boxes.device.type == "cpu" and got.logits.shape == (len(images),)
@@ -888,7 +908,7 @@ def test_gpu_runner_matches_the_cpu_detector(cpu_detector, monkeypatch):
     same = (got.boxes == want.boxes).all(-1).all(-1).float().mean()
     assert same >= 0.9, f"boxes differ from the CPU detector's on {1 - same:.0%} of the images (near-tied windows?)"
     # fp16 autocast: the serving precision, within half-precision noise.
-    fp16, _ = load_torch_cuda(None, precision="fp16")
+    fp16, _ = load_torch_cuda(path, precision="fp16")
     half = fp16(images)
     assert (torch.sigmoid(half.logits.cpu()) - torch.sigmoid(want.logits)).abs().max() < 0.02
 
@@ -915,7 +935,7 @@ def test_gpu_runner_kernels_match_the_reference_path(cpu_detector, monkeypatch):
     # differences of ~1e-3 (H200, 2026-11-26): compare in real float32.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    model, _ = cpu_detector
+    model, _, _ = cpu_detector
     images = _noise_images(1, SHAPES)
     device = torch.device("cuda")
     import copy
