@@ -322,10 +322,12 @@ def train(data_dir, config_path, out_dir, name, epochs, val_sources, max_val_ima
 @click.option("--generators", default=None, help="With --leave-one-out: only these generators (comma-separated).")
 @click.option("--epochs", type=int, default=None, help="With --leave-one-out: override the config's epochs.")
 @click.option("--max-train-images", type=int, default=None, help="With --leave-one-out: cap each fold's training set.")
+@click.option("--seed", type=int, default=None,
+              help="With --leave-one-out: override train.seed (initialisation, order, held-out real-only share).")
 @click.option("--max-images-per-source", type=int, default=None,
               help="With --leave-one-out: score at most this many held-out images per source.")
 def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, holdout_config, threads, loo_config,
-             generators, epochs, max_train_images, max_images_per_source):
+             generators, epochs, max_train_images, seed, max_images_per_source):
     """AP per source, mAP per family, total mAP, global AP and accuracy on labelled folders; with
     --leave-one-out, AP on each generator by a model trained without it."""
     from scanner.evaluate import evaluate, format_markdown
@@ -333,7 +335,7 @@ def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, h
 
     _threads(threads)
     if loo_config is not None:
-        _leave_one_out(data_dir, out_dir, loo_config, generators, epochs, max_train_images, max_images_per_source)
+        _leave_one_out(data_dir, out_dir, loo_config, generators, epochs, max_train_images, seed, max_images_per_source)
         return
     model, info = load_detector(model_path)
     samples = None
@@ -349,14 +351,15 @@ def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, h
     click.echo(f"report written to {out_dir}", err=True)
 
 
-def _leave_one_out(data_dir, out_dir, config_path, generators, epochs, max_train_images, max_images_per_source):
+def _leave_one_out(data_dir, out_dir, config_path, generators, epochs, max_train_images, seed, max_images_per_source):
     import dataclasses
 
     from scanner.config import load_config
     from scanner.leave_one_out import format_markdown, leave_one_out
 
     cfg = load_config(config_path)
-    changes = {k: v for k, v in (("epochs", epochs), ("max_train_images", max_train_images)) if v is not None}
+    changes = {k: v for k, v in (("epochs", epochs), ("max_train_images", max_train_images), ("seed", seed))
+               if v is not None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
     report = leave_one_out(cfg, data_dir, out_dir, generators=generators.split(",") if generators else None,
                            max_images_per_source=max_images_per_source, console=_console(),

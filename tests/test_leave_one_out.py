@@ -101,8 +101,10 @@ def test_leave_one_out_trains_each_fold_scores_it_and_resumes(data, tmp_path):
 def test_cli_leave_one_out(data, tmp_path):
     (tmp_path / "cfg.yaml").write_text(CONFIG)
     result = CliRunner().invoke(cli.main, ["eval", "--data", str(data), "--leave-one-out", str(tmp_path / "cfg.yaml"),
-                                           "--generators", "diff_y", "--epochs", "2", "--out", str(tmp_path / "loo")])
+                                           "--generators", "diff_y", "--epochs", "2", "--seed", "7",
+                                           "--out", str(tmp_path / "loo")])
     assert result.exit_code == 0, result.output
     assert "| diff_y |" in result.output and "**mean**" in result.output
+    assert json.loads((tmp_path / "loo" / "leave_one_out.json").read_text())["seed"] == 7
     history = json.loads((tmp_path / "loo" / "diff_y" / "history.json").read_text())
     assert len(history) == 2  # --epochs overrides, and patience 1 in the config did not stop it early
