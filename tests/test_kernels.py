@@ -860,30 +860,39 @@ def test_gpu_kernels_run_on_the_current_stream_and_other_threads():
     assert torch.equal(result["boxes"].long(), want)
 
 
-def _truncated_trunk_weights(folder: Path) -> Path:
-    """A detector on the Lite0 trunk cut after block 4, 512 wide (configs/experiments/mid_b4_e512.yaml):
-    the shipped model's ImageNet trunk (same parameter names), untrained embedding, AFFM and head."""
+# The Lite0 architectures a shipped model has had: the full trunk (1280 channels) and the trunk cut
+# after block 4 with a 512-wide embedding (112 channels; configs/experiments/mid_b4_e512.yaml).
+ARCHITECTURES = {"full_trunk": {}, "trunk_blocks_5": {"trunk_blocks": 5, "embed_dim": 512}}
+
+
+def _architecture_weights(folder: Path, name: str) -> Path:
+    """A Lite0 detector of ARCHITECTURES[name] with the shipped model's trunk tensors where the names
+    match (at least the stem and blocks 0-4, ImageNet features in both) and untrained layers elsewhere."""
     from safetensors.torch import load_file
 
     from scanner.weights import DEFAULT_WEIGHTS, save_detector
 
     torch.manual_seed(0)
-    model = Detector(ModelConfig(backbone="efficientnet_lite0", pretrained=False, trunk_blocks=5, embed_dim=512), seed=0)
-    trunk = {k: v.float() for k, v in load_file(str(DEFAULT_WEIGHTS)).items() if k.startswith("backbone.trunk.")}
-    missing, unexpected = model.backbone.load_state_dict(
-        {k.removeprefix("backbone."): v for k, v in trunk.items()}, strict=False)
-    assert not missing, missing  # every parameter of the cut trunk comes from the shipped one
-    path = folder / "trunk_blocks_5.safetensors"
-    save_detector(model, path, name="trunk-blocks-5")
+    model = Detector(ModelConfig(backbone="efficientnet_lite0", pretrained=False, **ARCHITECTURES[name]), seed=0)
+    own = model.backbone.state_dict()
+    shipped = {k.removeprefix("backbone."): v.float() for k, v in load_file(str(DEFAULT_WEIGHTS)).items()
+               if k.startswith("backbone.trunk.")}
+    copied = {k: v for k, v in shipped.items() if k in own and own[k].shape == v.shape}
+    model.backbone.load_state_dict(copied, strict=False)
+    shared = [k for k in own if k.startswith(("trunk.net.conv_stem", "trunk.net.bn1"))
+              or any(k.startswith(f"trunk.net.blocks.{i}.") for i in range(5))]
+    assert set(shared) <= set(copied), sorted(set(shared) - set(copied))[:3]
+    path = folder / f"{name}.safetensors"
+    save_detector(model, path, name=name.replace("_", "-"))
     return path
 
 
-@pytest.fixture(scope="module", params=["shipped", "trunk_blocks_5"])
+@pytest.fixture(scope="module", params=["shipped", *ARCHITECTURES])
 def cpu_detector(request, tmp_path_factory):
-    """Each architecture the runner serves: the shipped model and the cut trunk (issue 7's candidate)."""
+    """Each architecture the runner serves: the shipped model, and each Lite0 architecture on its trunk."""
     from scanner.weights import load_detector
 
-    path = None if request.param == "shipped" else _truncated_trunk_weights(tmp_path_factory.mktemp("weights"))
+    path = None if request.param == "shipped" else _architecture_weights(tmp_path_factory.mktemp("weights"), request.param)
     model, info = load_detector(path, device="cpu")
     return model, info, path
 
