@@ -55,8 +55,8 @@ BATCH_AXIS = "B"
 # fmap 3e-5..7e-5 (values in [0, 6]), g 1e-6..3e-6, logits 5e-7..8e-6; the tiny test backbone:
 # all below 1e-6. fmap sums up to 1280 channels (the full Lite0 trunk) of convolutions whose
 # accumulation order differs between the runtimes, hence a relative term (a ResNet-50 fmap is
-# larger); logits get an
-# absolute bound only, 1e-4: ~10x the worst measured, and 1e-4 on a logit is < 2.5e-5 on a score.
+# larger); logits get an absolute bound only, 1e-4: ~10x the worst measured, and 1e-4 on a
+# logit is < 2.5e-5 on a score.
 FEATURE_ATOL = 1e-4
 FEATURE_RTOL = 1e-3
 LOGIT_ATOL = 1e-4
