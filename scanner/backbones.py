@@ -1,7 +1,9 @@
-"""Backbones: each maps images in [0, 1] (B, 3, 224, 224) to a feature map (B, C, 7, 7).
+"""Backbones: each maps images in [0, 1] (B, 3, 224, 224) to a feature map (B, C, 7, 7) and a vector (B, C).
 
-Normalisation belongs to the backbone (ImageNet statistics for torchvision's ResNet-50, [-1, 1] for
-the TensorFlow-ported EfficientNet-Lite weights). No weights are ever downloaded.
+The map feeds the Patch Selection Module; the vector feeds the embedding. For the CNNs the vector is
+the map's spatial mean; for the CLIP ViT it is the class token (scanner.clip_vit). Normalisation
+belongs to the backbone (ImageNet statistics for torchvision's ResNet-50, [-1, 1] for the
+TensorFlow-ported EfficientNet-Lite weights, CLIP's own statistics). No weights are ever downloaded.
 """
 
 from __future__ import annotations
@@ -33,8 +35,18 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, S, S) float in [0, 1] -> (B, C, S/32, S/32)."""
-        x = (images - self.mean) / self.std
-        return self.trunk(x)
+        return self.features(images)[0]
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (B, 3, S, S) float in [0, 1] -> fmap (B, C, S/32, S/32), vector (B, C)."""
+        return self.trunk_features((images - self.mean) / self.std)
+
+    def trunk_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like features(), for images already normalised with self.mean / self.std."""
+        if getattr(self.trunk, "pooled_by_trunk", False):
+            return self.trunk(x)
+        fmap = self.trunk(x)
+        return fmap, fmap.mean(dim=(2, 3))
 
 
 def _resnet50(cfg: ModelConfig) -> Backbone:
@@ -150,6 +162,13 @@ def _tiny(cfg: ModelConfig) -> Backbone:
     return Backbone(nn.Sequential(*layers), channels, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+def _clip_b16(cfg: ModelConfig) -> Backbone:
+    from scanner.clip_vit import CLIP_MEAN, CLIP_STD, LAYERS, WIDTH, load_clip_trunk
+
+    trunk = load_clip_trunk(cfg.trunk_blocks or LAYERS, pretrained=cfg.pretrained)
+    return Backbone(trunk, WIDTH, CLIP_MEAN, CLIP_STD)
+
+
 def build_backbone(cfg: ModelConfig) -> Backbone:
     if cfg.backbone == "tiny":
         return _tiny(cfg)
@@ -157,4 +176,6 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
         return _resnet50(cfg)
     if cfg.backbone == "efficientnet_lite0":
         return _efficientnet_lite0(cfg)
+    if cfg.backbone == "clip_b16":
+        return _clip_b16(cfg)
     raise ScannerError(f"unknown backbone {cfg.backbone!r}")

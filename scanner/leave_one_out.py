@@ -43,13 +43,40 @@ def generators_of(data_dir) -> dict[str, list[str]]:
     """generator -> its sources, from MANIFEST.csv (sources without a generator are left out)."""
     manifest = read_manifest(data_dir)
     if not manifest:
-        raise ScannerError(f"leave-one-out needs {Path(data_dir) / 'MANIFEST.csv'} (source -> generator)")
+        raise ScannerError(f"leave-one-out needs a MANIFEST.csv (source -> generator) in {data_dir}")
     out: dict[str, list[str]] = {}
     for source, meta in sorted(manifest.items()):
         gen = (meta.get("generator") or "").strip()
         if gen and gen != "none":
             out.setdefault(gen, []).append(source)
     return out
+
+
+# Generators with too few images (or too close a relative) for a fold of their own are held out
+# together with the generator named here: the fold then tests both as unseen at once.
+FOLD_GROUPS = {
+    "majesty_diffusion": "disco_diffusion",  # 21 images; a fork of Disco Diffusion
+    "biggan": "stylegan",  # 20 images; the other 2018-19 GAN
+    "sdxl_turbo": "sdxl",  # 35 images; a distilled SDXL
+}
+
+
+def fold_plan(data_dir, groups: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """fold name -> held-out sources: one fold per generator, small ones grouped (FOLD_GROUPS).
+
+    A grouped fold is named after its generators joined by '+', e.g. 'disco_diffusion+majesty_diffusion'.
+    """
+    groups = FOLD_GROUPS if groups is None else groups
+    generators = generators_of(data_dir)
+    members: dict[str, list[str]] = {}
+    for gen in generators:
+        lead = groups.get(gen, gen) if groups.get(gen) in generators else gen
+        members.setdefault(lead, []).append(gen)
+    plan = {}
+    for lead, gens in sorted(members.items()):
+        gens = [lead] + sorted(g for g in gens if g != lead)
+        plan["+".join(gens)] = sorted(src for g in gens for src in generators[g])
+    return plan
 
 
 def fold_config(cfg: Config, sources: list[str]) -> Config:

