@@ -275,8 +275,8 @@ def merge(out_dir, out, fmt):
 
 
 @main.command()
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder in the CNNDetection layout: <root>/<source>/0_real|1_fake/.")
+@click.option("--data", "data_dir", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Folder in the CNNDetection layout: <root>/<source>/0_real|1_fake/; repeat it for several pools.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="YAML overrides of the paper's defaults.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder (weights, checkpoint, config.yaml); rerun with the same folder to resume.")
@@ -285,8 +285,17 @@ def merge(out_dir, out, fmt):
 @click.option("--val-sources", default=None, help="Comma-separated sources held out for validation.")
 @click.option("--max-val-images", type=int, default=600, show_default=True, help="Cap on validation images per epoch.")
 @click.option("--threads", type=int, default=None, help="Torch intra-op threads.")
-def train(data_dir, config_path, out_dir, name, epochs, val_sources, max_val_images, threads):
-    """Train the detector (BCE, Adam 1e-4, blur/JPEG augmentation) with validation and resume."""
+@click.option("--token-cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="Train on cached outputs of the frozen trunk kept in this folder (extracting what it lacks): "
+                   "every image of --data, the config's fixed epochs, no validation split.")
+@click.option("--calibration", "calibration", type=click.Path(path_type=Path, exists=True), default=None,
+              help="With --token-cache: a leave_one_out.json of `scanner eval --leave-one-out --token-cache`; "
+                   "its Platt calibration and threshold ship with the weights.")
+@click.option("--bf16", is_flag=True, help="With --token-cache: run the trunk in bfloat16 on the CPU (2x faster).")
+def train(data_dir, config_path, out_dir, name, epochs, val_sources, max_val_images, threads, cache_dir, calibration,
+          bf16):
+    """Train the detector (BCE, Adam 1e-4, blur/JPEG augmentation) with validation and resume, or, with
+    --token-cache, its embedding, AFFM and head on cached trunk outputs."""
     from scanner.config import load_config
     from scanner.train import train as run_training
 
@@ -297,6 +306,26 @@ def train(data_dir, config_path, out_dir, name, epochs, val_sources, max_val_ima
         overrides["train"]["val_sources"] = [s.strip() for s in val_sources.split(",") if s.strip()]
     cfg = load_config(config_path, overrides)
     _threads(threads)
+    if cache_dir is not None:
+        import json
+
+        from scanner.token_training import train_from_cache
+
+        report = json.loads(calibration.read_text()) if calibration is not None else None
+        if report is not None and "calibration" not in report:
+            from scanner.errors import ScannerError
+
+            raise ScannerError(f"{calibration} holds no calibration; pass the leave_one_out.json of a cached "
+                               "leave-one-out run over several folds")
+        path = train_from_cache(cfg, list(data_dir), out_dir, cache_dir, name=name, calibration=report, bf16=bf16,
+                                log=lambda msg: click.echo(f"scanner: {msg}", err=True))
+        click.echo(f"trained on cached tokens -> {path}", err=True)
+        return
+    if calibration is not None or bf16:
+        from scanner.errors import ScannerError
+
+        raise ScannerError("--calibration and --bf16 apply to training with --token-cache only")
+    data_dir = data_dir[0] if len(data_dir) == 1 else list(data_dir)
     result = run_training(cfg, data_dir, out_dir, name=name, max_val_images=max_val_images, console=_console())
     click.echo(
         f"best epoch {result.best_epoch}: validation AP {result.best_ap:.4f}, threshold {result.threshold:.4f} "
@@ -306,7 +335,8 @@ def train(data_dir, config_path, out_dir, name, epochs, val_sources, max_val_ima
 
 
 @main.command(name="eval")
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Labelled folder (CNNDetection layout).")
+@click.option("--data", "data_dir", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Labelled folder (CNNDetection layout); repeat it for several pools.")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="Weights; default: the shipped model.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("eval-report"), show_default=True,
               help="Folder for report.json, report.md and plots.")
@@ -319,21 +349,37 @@ def train(data_dir, config_path, out_dir, name, epochs, val_sources, max_val_ima
 @click.option("--leave-one-out", "loo_config", type=click.Path(path_type=Path), default=None,
               help="Training config (YAML): for each generator in MANIFEST.csv, train that recipe without it "
                    "(into --out/GENERATOR, resumable) and report AP on it (clean, JPEG 75, 0.5x downscale).")
-@click.option("--generators", default=None, help="With --leave-one-out: only these generators (comma-separated).")
+@click.option("--generators", default=None, help="With --leave-one-out: only these generators (comma-separated); with "
+              "--token-cache: only these folds (names as in the report, e.g. sdxl+sdxl_turbo).")
 @click.option("--epochs", type=int, default=None, help="With --leave-one-out: override the config's epochs.")
 @click.option("--max-train-images", type=int, default=None, help="With --leave-one-out: cap each fold's training set.")
 @click.option("--seed", type=int, default=None,
               help="With --leave-one-out: override train.seed (initialisation, order, held-out real-only share).")
 @click.option("--max-images-per-source", type=int, default=None,
               help="With --leave-one-out: score at most this many held-out images per source.")
+@click.option("--token-cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="With --leave-one-out: train and score each fold on cached outputs of the frozen trunk kept in "
+                   "this folder (minutes a fold instead of hours), over the folds of the fold plan (small "
+                   "generators grouped), with out-of-fold calibration, threshold and false-positive rates.")
+@click.option("--max-fpr", type=float, default=0.05, show_default=True,
+              help="With --token-cache: the threshold flags at most this share of the out-of-fold real photos.")
+@click.option("--bf16", is_flag=True, help="With --token-cache: run the trunk in bfloat16 on the CPU (2x faster).")
 def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, holdout_config, threads, loo_config,
-             generators, epochs, max_train_images, seed, max_images_per_source):
+             generators, epochs, max_train_images, seed, max_images_per_source, cache_dir, max_fpr, bf16):
     """AP per source, mAP per family, total mAP, global AP and accuracy on labelled folders; with
     --leave-one-out, AP on each generator by a model trained without it."""
     from scanner.evaluate import evaluate, format_markdown
     from scanner.weights import load_detector
 
     _threads(threads)
+    if cache_dir is not None:
+        if loo_config is None:
+            from scanner.errors import ScannerError
+
+            raise ScannerError("--token-cache needs --leave-one-out CONFIG")
+        _cached_leave_one_out(list(data_dir), out_dir, loo_config, cache_dir, generators, epochs, seed, max_fpr, bf16)
+        return
+    data_dir = data_dir[0] if len(data_dir) == 1 else list(data_dir)
     if loo_config is not None:
         _leave_one_out(data_dir, out_dir, loo_config, generators, epochs, max_train_images, seed, max_images_per_source)
         return
@@ -349,6 +395,21 @@ def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, h
                       out_dir=out_dir, console=_console(), samples=samples)
     click.echo(format_markdown(report))
     click.echo(f"report written to {out_dir}", err=True)
+
+
+def _cached_leave_one_out(data_dirs, out_dir, config_path, cache_dir, folds, epochs, seed, max_fpr, bf16):
+    import dataclasses
+
+    from scanner.cached_loo import cached_leave_one_out, format_markdown
+    from scanner.config import load_config
+
+    cfg = load_config(config_path)
+    changes = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+    report = cached_leave_one_out(cfg, data_dirs, out_dir, cache_dir, folds=folds.split(",") if folds else None,
+                                  max_fpr=max_fpr, bf16=bf16, log=lambda msg: click.echo(f"scanner: {msg}", err=True))
+    click.echo(format_markdown(report))
+    click.echo(f"report written to {out_dir}/leave_one_out.json", err=True)
 
 
 def _leave_one_out(data_dir, out_dir, config_path, generators, epochs, max_train_images, seed, max_images_per_source):

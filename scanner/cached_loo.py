@@ -53,6 +53,8 @@ def open_cache(cfg: Config, cache_dir, seed: int | None = None):
     more picks per window than cfg.model serves it (patch_columns); its own model extracts."""
     from scanner.model import Detector
 
+    if seed is not None:
+        torch.manual_seed(seed)  # an untrained trunk (tests) is then the same in every run: same cache
     model = Detector(cfg.model, seed=seed)
     cache = TokenCache(cache_dir, model)
     if cache.exists() and cache.made_with().picks_per_window != cfg.model.picks_per_window:

@@ -100,3 +100,46 @@ def train_on_tokens(model, conditions: list[torch.Tensor], labels: torch.Tensor,
             log(f"epoch {epoch}/{tc.epochs}: loss {history[-1]['train_loss']:.4f}")
     model.eval()
     return history
+
+
+def train_from_cache(cfg, data_dirs, out_dir, cache_dir, *, name: str = "detector", calibration: dict | None = None,
+                     bf16: bool = False, log=print):
+    """Train the recipe on every image of `data_dirs` from cached trunk outputs (extracting what the
+    cache lacks) and write OUT/detector.safetensors, config.yaml and history.json. Returns its path.
+
+    No validation split and no early stop: the recipe's epochs are fixed, chosen by leave-one-out
+    (scanner.cached_loo), whose report's `calibration` (Platt a, b) and `threshold` ship with the
+    weights when given: the calibration folds into the head, the threshold becomes the model's.
+    """
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from scanner.cached_loo import load_tokens, open_cache, training_conditions
+    from scanner.calibration import fold_into_head
+    from scanner.data import find_samples
+    from scanner.weights import save_detector
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=True))
+    samples = find_samples(data_dirs)
+    model, cache = open_cache(cfg, cache_dir, seed=cfg.train.seed)
+    conditions = training_conditions(cache, cfg)
+    tokens = load_tokens(cache, samples, conditions, bf16=bf16, log=log)
+    labels = torch.tensor([s.label for s in samples])
+    model.reset_trainable(cfg.train.seed)
+    log(f"training on {len(samples)} images ({int(labels.sum())} synthetic) from cached tokens, "
+        f"{len(conditions)} conditions")
+    history = train_on_tokens(model, [tokens[c] for c in conditions], labels, cfg.train,
+                              columns=patch_columns(cache.model.cfg, cfg.model), log=log)
+    (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    threshold, extra = 0.5, {"train_images": len(samples), "train_sources": sorted({s.source for s in samples})}
+    if calibration is not None:
+        fold_into_head(model, calibration["calibration"]["a"], calibration["calibration"]["b"])
+        threshold = calibration["threshold"]["score"]
+        extra["calibration"] = {k: calibration["calibration"][k] for k in ("method", "a", "b", "ece_cross_fold")}
+    path = out / "detector.safetensors"
+    save_detector(model, path, name=name, threshold=threshold, extra=extra)
+    return path
