@@ -466,16 +466,21 @@ def samples(directory):
 
 
 @main.command()
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None)
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="A shipped model's name or a weights file; default: the default model.")
 def info(model_path):
-    """Show the model's name, hash, threshold and config."""
+    """Show the model's name, hash, threshold and config, and the models that ship (`--model NAME`)."""
     import json
 
-    from scanner.weights import read_info
+    from scanner.weights import read_info, shipped_models
 
     mi = read_info(model_path)
-    click.echo(json.dumps({"model": mi.model_id, "path": str(mi.path), "threshold": mi.threshold,
-                           "config": json.loads(mi.metadata["config"])}, indent=2))
+    payload = {"model": mi.model_id, "path": str(mi.path), "threshold": mi.threshold,
+               "config": json.loads(mi.metadata["config"])}
+    if "calibration" in mi.metadata:
+        payload["calibration"] = json.loads(mi.metadata["calibration"])
+    payload["shipped"] = shipped_models()
+    click.echo(json.dumps(payload, indent=2))
 
 
 @main.command(name="explain")

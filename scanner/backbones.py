@@ -163,10 +163,10 @@ def _tiny(cfg: ModelConfig) -> Backbone:
 
 
 def _clip_b16(cfg: ModelConfig) -> Backbone:
-    from scanner.clip_vit import CLIP_MEAN, CLIP_STD, LAYERS, WIDTH, load_clip_trunk
+    from scanner.clip_vit import CLIP_MEAN, CLIP_STD, LAYERS, load_clip_trunk
 
-    trunk = load_clip_trunk(cfg.trunk_blocks or LAYERS, pretrained=cfg.pretrained)
-    return Backbone(trunk, WIDTH, CLIP_MEAN, CLIP_STD)
+    trunk = load_clip_trunk(cfg.trunk_blocks or LAYERS, pretrained=cfg.pretrained, taps=tuple(cfg.trunk_taps))
+    return Backbone(trunk, trunk.channels, CLIP_MEAN, CLIP_STD)
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:

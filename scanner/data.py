@@ -116,13 +116,25 @@ class Augment:
     jpeg_prob: float = 0.1
     jpeg_quality: tuple[int, int] = (30, 100)
     hflip: bool = True
+    # Not in the paper: a downscale by a factor ~ U[resize_range] with resize_prob, before the rest.
+    resize_prob: float = 0.0
+    resize_range: tuple[float, float] = (0.5, 1.0)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
-        if rng.random() < self.blur_prob:
-            img = gaussian_blur(img, rng.uniform(0, self.blur_sigma_max))
-        if rng.random() < self.jpeg_prob:
-            img = jpeg_compress(img, rng.randint(*self.jpeg_quality))
-        if self.hflip and rng.random() < 0.5:
+        # Drawn in the paper's order with the resize draw last (resize_prob 0 leaves every other draw
+        # as it always was); applied blur, resize, JPEG, flip, as a re-upload would be made.
+        sigma = rng.uniform(0, self.blur_sigma_max) if rng.random() < self.blur_prob else None
+        quality = rng.randint(*self.jpeg_quality) if rng.random() < self.jpeg_prob else None
+        flip = self.hflip and rng.random() < 0.5
+        factor = rng.uniform(*self.resize_range) if self.resize_prob > 0 and rng.random() < self.resize_prob else None
+        if sigma is not None:
+            img = gaussian_blur(img, sigma)
+        if factor is not None:
+            w, h = img.size
+            img = img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BICUBIC)
+        if quality is not None:
+            img = jpeg_compress(img, quality)
+        if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return img
 

@@ -7,8 +7,10 @@ apart from its doctype.
 
 Sections:
 - counts: records, scored, synthetic/real by label, errors, downscaled, models seen;
-- score histogram (50 bins over [0, 1], stacked by label; optional log-scaled count axis) with the
-  threshold line: `--threshold`, else inferred from the labels (the lowest synthetic score, when every
+- score histogram (50 bins, stacked by label; optional log-scaled count axis) with the threshold
+  line. The bins are equal in logit, log(s / (1 - s)), from 0.0001 to 0.9999 (the outer two take the
+  rest): a calibrated detector puts most images near 0 or 1, and equal-width bins would show two
+  spikes; these spread 0.99, 0.999 and 0.9999 apart: `--threshold`, else inferred from the labels (the lowest synthetic score, when every
   real score is below it);
 - errors by kind: table (count, first message) and bar chart;
 - the top-N most synthetic images as thumbnails (at most THUMB_PX on a side, 256-colour PNGs of about
@@ -43,6 +45,15 @@ from scanner.errors import ItemError, ScannerError
 from scanner.explain import GROUP_COLOURS, read_many_ids, shorten
 
 BINS = 50
+LOGIT_SPAN = 9.21  # bins cover logits -9.21..9.21, scores 0.0001..0.9999; beyond, the outer bins
+
+
+def score_bin(score: float) -> int:
+    """The histogram bin of a score: equal steps in logit over [-LOGIT_SPAN, LOGIT_SPAN]."""
+    s = min(max(score, 1e-12), 1 - 1e-12)
+    z = np.log(s / (1 - s))
+    return min(max(int((z + LOGIT_SPAN) / (2 * LOGIT_SPAN) * BINS), 0), BINS - 1)
+
 THUMB_PX = 256
 PLOT_DPI = 100
 EXAMPLES_PER_KIND = 3
@@ -112,7 +123,7 @@ class Stats:
             return
         score = float(score)
         self.scored += 1
-        b = min(max(int(score * BINS), 0), BINS - 1)
+        b = score_bin(score)
         if rec.get("label") == "synthetic":
             self.synthetic += 1
             self.hist_synthetic[b] += 1
@@ -197,17 +208,21 @@ def histogram_png(stats: Stats, threshold: float | None, log_counts: bool = Fals
     """Stacked score histogram (real, synthetic) with the threshold line."""
     fig = _figure(7.5, 3.2)
     ax = fig.add_subplot(1, 1, 1)
-    edges = np.linspace(0, 1, BINS + 1)
+    edges = np.linspace(-LOGIT_SPAN, LOGIT_SPAN, BINS + 1)  # in logit: the x axis is logit, labelled as scores
     width = edges[1] - edges[0]
     ax.bar(edges[:-1], stats.hist_real, width=width, align="edge", color="#2e86c1", label=f"real ({stats.real})")
     ax.bar(edges[:-1], stats.hist_synthetic, width=width, align="edge", bottom=stats.hist_real, color="#e67e22",
            label=f"synthetic ({stats.synthetic})")
     if threshold is not None:
-        ax.axvline(threshold, color="#c0392b", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.4g}")
+        t = min(max(threshold, 1e-9), 1 - 1e-9)
+        ax.axvline(np.clip(np.log(t / (1 - t)), -LOGIT_SPAN, LOGIT_SPAN), color="#c0392b", linestyle="--",
+                   linewidth=1.2, label=f"threshold {threshold:.4g}")
     if log_counts:
         ax.set_yscale("symlog", linthresh=1)  # log scale that still shows bins of 0 and 1
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("score (probability synthetic)")
+    ticks = (0.0001, 0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+    ax.set_xticks([np.log(p / (1 - p)) for p in ticks], [f"{p:g}" for p in ticks])
+    ax.set_xlim(-LOGIT_SPAN, LOGIT_SPAN)
+    ax.set_xlabel("score (probability synthetic; bins equal in logit, outer bins take the rest)")
     ax.set_ylabel("images" + (" (log scale)" if log_counts else ""))
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper center", fontsize=8)

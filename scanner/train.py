@@ -79,7 +79,8 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, name: str = "d
         "train_images": len(train_set), "val_images": len(val_set),
     }, indent=2))
 
-    augment = Augment(tc.blur_prob, tc.blur_sigma_max, tc.jpeg_prob, tuple(tc.jpeg_quality), tc.hflip)
+    augment = Augment(tc.blur_prob, tc.blur_sigma_max, tc.jpeg_prob, tuple(tc.jpeg_quality), tc.hflip,
+                      tc.resize_prob, tuple(tc.resize_range))
     train_ds = ImageDataset(train_set, augment, seed=tc.seed)
     loader_gen = torch.Generator().manual_seed(tc.seed)
     train_loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, generator=loader_gen,

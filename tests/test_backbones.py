@@ -56,6 +56,8 @@ def test_freeze_prefixes_cover_the_whole_truncated_trunk():
     ({"backbone": "resnet50", "trunk_blocks": 3}, "efficientnet_lite0 and clip_b16 only"),
     ({"backbone": "efficientnet_lite0", "trunk_blocks": 0}, "blocks 1-7"),
     ({"backbone": "efficientnet_lite0", "trunk_blocks": 8}, "blocks 1-7"),
+    ({"backbone": "clip_b16", "trunk_blocks": 13}, "blocks 1-12"),
+    ({"backbone": "efficientnet_lite0", "trunk_taps": [1]}, "clip_b16 only"),
 ])
 def test_bad_trunk_blocks_are_refused(changes, message):
     with pytest.raises(ScannerError, match=message):

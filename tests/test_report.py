@@ -287,3 +287,15 @@ def test_eval_section(scan_dir, eval_dir, tmp_path):
     assert "No scores.csv" in "".join(section(root, "eval").itertext())
     with pytest.raises(ScannerError, match="not a folder"):
         rp.build_report(results, eval_report=tmp_path / "nope")
+
+
+def test_histogram_bins_spread_scores_near_0_and_1():
+    # Equal steps in logit: 0.99, 0.999 and 0.9999 land in different bins; 0.5 in the middle; the
+    # outer bins take everything beyond 0.0001 / 0.9999; bins are monotone in the score.
+    assert len({rp.score_bin(s) for s in (0.9, 0.99, 0.999, 0.9998)}) == 4
+    assert len({rp.score_bin(s) for s in (0.01, 0.001)}) == 2
+    assert rp.score_bin(0.5) == rp.BINS // 2
+    assert rp.score_bin(0.0) == rp.score_bin(1e-6) == 0 and rp.score_bin(1.0) == rp.score_bin(1 - 1e-6) == rp.BINS - 1
+    assert 0 < rp.score_bin(0.0002) and rp.score_bin(0.9998) < rp.BINS - 1
+    scores = np.linspace(0, 1, 1001)
+    assert np.all(np.diff([rp.score_bin(s) for s in scores]) >= 0)

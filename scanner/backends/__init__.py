@@ -75,18 +75,21 @@ def resolve_auto(engines_dir=None) -> str:
     return next(name for name in CPU_PREFERENCE if name in available)
 
 
-def load_backend(name: str, model_path=None, *, threads: int | None = None, engines_dir=None, cache_dir=None):
+def load_backend(name: str, model_path=None, *, threads: int | None = None, engines_dir=None, cache_dir=None,
+                 precision: str = "fp32"):
     """(runner, ModelInfo) for backend `name` (one of CHOICES) and the weights at `model_path`.
 
-    model_path: .safetensors weights (default: the shipped model); for onnxruntime also an export
-    folder. threads: intra-op threads (default: torch's count). engines_dir: TensorRT engines.
-    cache_dir: root of the ONNX export cache (default: $XDG_CACHE_HOME/scanner/onnx).
+    model_path: .safetensors weights or a shipped model's name (default: the default model); for
+    onnxruntime also an export folder. threads: intra-op threads (default: torch's count).
+    engines_dir: TensorRT engines. cache_dir: root of the ONNX export cache (default:
+    $XDG_CACHE_HOME/scanner/onnx). precision: torch on the CPU only, fp32, bf16 or auto
+    (scanner.backends.torch_cpu).
     """
     if name not in CHOICES:
         raise ScannerError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
     chosen = resolve_auto(engines_dir) if name == "auto" else name
     if chosen == "torch":
-        runner, info = _load_torch(model_path, threads)
+        runner, info = _load_torch(model_path, threads, precision)
     elif chosen == "onnxruntime":
         from scanner.backends.onnxruntime_backend import load_onnxruntime
 
@@ -97,11 +100,11 @@ def load_backend(name: str, model_path=None, *, threads: int | None = None, engi
     return runner, info
 
 
-def _load_torch(model_path, threads: int | None):
+def _load_torch(model_path, threads: int | None, precision: str = "fp32"):
     import torch
 
+    from scanner.backends.torch_cpu import load_torch_cpu
     from scanner.export import is_export_dir
-    from scanner.weights import load_detector
 
     if is_export_dir(model_path):
         raise ScannerError(f"{str(model_path)!r} is an ONNX export; the torch backend needs the .safetensors "
@@ -112,7 +115,7 @@ def _load_torch(model_path, threads: int | None):
         from scanner.backends.torch_cuda import load_torch_cuda
 
         return load_torch_cuda(model_path)
-    return load_detector(model_path)
+    return load_torch_cpu(model_path, precision)
 
 
 def _tensorrt_missing(engines_dir) -> list[str]:
