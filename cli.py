@@ -113,13 +113,16 @@ def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
               "auto: when the model runs on a CUDA GPU, dali if installed, else nvjpeg; on the CPU, cpu.")
 @click.option("--threshold", type=float, default=None,
               help="Score at or above which the label is synthetic; default: the model's calibrated threshold.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="The torch backend on the CPU: bf16 about doubles the CLIP model's speed on CPUs with native "
+              "bfloat16 (AVX512-BF16, AMX), scores within about 1e-3 of fp32; auto: bf16 there, else fp32.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, help="Refuse larger images (decompression bombs).")
 @click.option("--downscale-large", is_flag=True, help="Scan images over --max-pixels at reduced size instead of refusing them.")
 @click.option("--max-errors", type=int, default=None, help="Exit with code 3 if this run writes more error records than this.")
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None, help="Also write the final summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, threads, backend, engines_dir, loader,
-        threshold, max_pixels, downscale_large, max_errors, summary_json, quiet, ray_address):
+        threshold, precision, max_pixels, downscale_large, max_errors, summary_json, quiet, ray_address):
     """Scan INPUTS (directories, image files, tar/zip/webdataset shards, URLs) and write one record per
     image to --out."""
     import json
@@ -146,7 +149,7 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
     if quiet:
         logging.getLogger("scanner").setLevel(logging.WARNING)
     if ray_address is None:  # with --ray every actor loads its own
-        model, info = load_backend(backend, model_path, threads=threads, engines_dir=engines_dir)
+        model, info = load_backend(backend, model_path, threads=threads, engines_dir=engines_dir, precision=precision)
     total = expected_total(inputs, from_list)
     stop = threading.Event()
     received: list[int] = []
@@ -203,6 +206,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
               show_default=True, help="Backend of the scan (as scanner run).")
 @click.option("--loader", type=click.Choice(["auto", "cpu", "dali", "nvjpeg"]), default="auto", show_default=True)
 @click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="The scan's precision with torch on the CPU (as scanner run); the naive baseline stays fp32.")
 @click.option("--workers", type=int, default=None, help="Decode threads (and the baseline's DataLoader workers).")
 @click.option("--threads", type=int, default=None, help="Intra-op threads of both (default: one per core).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
@@ -216,8 +221,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON (images_per_s, naive_images_per_s, ratio, stages, ...).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engines_dir, workers, threads, model_path,
-              arch, rounds, no_naive, quick, json_out, seed):
+def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engines_dir, precision, workers, threads,
+              model_path, arch, rounds, no_naive, quick, json_out, seed):
     """Measure scan throughput (images/s end to end and per stage, batch latency, peak memory) against a
     naive baseline run on the same images in the same run. FOLDER: images to sample (default: generated)."""
     import json
@@ -247,7 +252,7 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
         resolve_loader(loader)  # a missing DALI or GPU is an error before anything starts
         opts = BenchOptions(backend=backend, loader=loader, batch_sizes=batches, workers=workers,
                             threads=threads, model_path=model_path, engines_dir=engines_dir, naive=not no_naive,
-                            rounds=rounds)
+                            rounds=rounds, precision=precision)
         report = run_bench(paths, opts, work, log=lambda msg: click.echo(f"scanner: {msg}", err=True))
     from rich.console import Console
 

@@ -38,6 +38,7 @@ class BenchOptions:
     engines_dir: str | Path | None = None
     naive: bool = True
     rounds: int = 1
+    precision: str = "auto"  # torch on the CPU (scanner.backends.torch_cpu)
 
 
 # -- memory ---------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
     backend = resolve_auto(opts.engines_dir) if opts.backend == "auto" else opts.backend
     runner, info = load_backend(backend, opts.model_path, threads=opts.threads, engines_dir=opts.engines_dir,
                                 cache_dir=work_dir / "onnx" if opts.model_path and _scratch(opts.model_path, work_dir)
-                                else None)
+                                else None, precision=opts.precision)
     opts = dataclasses.replace(opts, loader=resolve_loader(opts.loader, model_device(runner)))  # auto: as the scan resolves it
     baseline = None
     if opts.naive:
@@ -200,7 +201,8 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
     first = results[0]
     return {"images_per_s": first["images_per_s"], "naive_images_per_s": first["naive_images_per_s"],
             "ratio": first["ratio"], "batch_size": first["batch_size"], "images": len(paths),
-            "backend": backend, "loader": opts.loader, "model": info.model_id, "decode_workers": workers,
+            "backend": backend, "precision": getattr(runner, "precision", None), "loader": opts.loader,
+            "model": info.model_id, "decode_workers": workers,
             "threads": opts.threads or torch.get_num_threads(), "rounds": opts.rounds, "results": results,
             "environment": environment()}
 

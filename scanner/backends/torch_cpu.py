@@ -4,8 +4,9 @@ CPUs with native bfloat16 arithmetic (AVX512-BF16, AMX) run the transformer trun
 about twice as fast in bf16 (measured on a 2-core AMD EPYC with AVX512-BF16: CLIP ViT-B/16 cut after
 6 layers, 7.6 -> 16 views/s; class-token cosine to float32 0.99996). The feature map, PSM and crop-
 resize are unchanged; trunk outputs carry bf16 rounding, so scores move by about 1e-3 and a box can
-differ where two PSM windows nearly tie. Without native bf16 the CPU emulates it, slower than float32:
-`auto` then keeps float32.
+differ where two PSM windows nearly tie. Without native bf16 the CPU emulates it, slower than float32.
+`auto` takes bf16 only where it was measured faster: a transformer trunk (clip_b16) on a CPU with
+native bf16; float32 everywhere else.
 """
 
 from __future__ import annotations
@@ -36,16 +37,21 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
+BF16_BACKBONES = ("clip_b16",)  # measured faster in bf16 on the CPU; the CNNs were not
+
+
+def resolve_precision(precision: str, backbone: str, cpuinfo: str | None = None) -> str:
     if precision not in PRECISIONS:
         raise ScannerError(f"--precision is {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"
+        return "bf16" if backbone in BF16_BACKBONES and cpu_has_native_bf16(cpuinfo) else "fp32"
     return precision
 
 
 class Bf16Detector(torch.nn.Module):
     """Runs a Detector under CPU bfloat16 autocast; logits come back as float32."""
+
+    precision = "bf16"  # read by scanner bench's report
 
     def __init__(self, model):
         super().__init__()
@@ -63,8 +69,8 @@ def load_torch_cpu(model_path, precision: str = "auto"):
     """(runner, ModelInfo): the Detector on the CPU at `precision` (auto: bf16 where native)."""
     from scanner.weights import load_detector
 
-    chosen = resolve_precision(precision)
     model, info = load_detector(model_path)
+    chosen = resolve_precision(precision, info.config.backbone)
     if chosen == "bf16":
         if not cpu_has_native_bf16():
             log.warning("this CPU has no native bfloat16: bf16 is emulated and slower than fp32")
