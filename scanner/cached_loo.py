@@ -32,6 +32,7 @@ import torch
 from scanner.calibration import expected_calibration_error, fit_platt, platt, reliability_table
 from scanner.config import Config
 from scanner.data import Augment, find_samples, read_manifest, split_by_source
+from scanner.errors import ScannerError
 from scanner.leave_one_out import CONDITIONS, fold_plan
 from scanner.token_cache import TokenCache
 from scanner.token_training import logits_of, patch_columns, train_on_tokens
@@ -42,11 +43,15 @@ CONTENT_PAIRED_PREFIXES = ("pix2pix_", "cyclegan_", "stylegan2_faces")
 
 
 def training_conditions(cache: TokenCache, cfg: Config) -> list[str]:
-    """clean, then the recipe's cached augmented draws."""
+    """clean, the recipe's fixed cached conditions, then its cached augmented draws."""
     tc = cfg.train
+    unknown = [c for c in tc.cached_conditions if c not in CONDITIONS or c == "clean"]
+    if unknown:
+        raise ScannerError(f"train.cached_conditions: unknown {', '.join(unknown)}; "
+                           f"expected some of {', '.join(c for c in CONDITIONS if c != 'clean')}")
     augment = Augment(tc.blur_prob, tc.blur_sigma_max, tc.jpeg_prob, tuple(tc.jpeg_quality), tc.hflip,
                       tc.resize_prob, tuple(tc.resize_range))
-    return ["clean"] + [cache.augmented(augment, draw) for draw in range(tc.cached_draws)]
+    return ["clean", *tc.cached_conditions] + [cache.augmented(augment, draw) for draw in range(tc.cached_draws)]
 
 
 def open_cache(cfg: Config, cache_dir, seed: int | None = None):
@@ -91,8 +96,6 @@ def cached_leave_one_out(cfg: Config, data_dirs, out_dir, cache_dir, *, folds: l
     if folds:
         unknown = [f for f in folds if f not in plan]
         if unknown:
-            from scanner.errors import ScannerError
-
             raise ScannerError(f"unknown folds {unknown}; the data's folds are {sorted(plan)}")
         plan = {f: plan[f] for f in folds}
     model, cache = open_cache(cfg, cache_dir, seed=cfg.train.seed)

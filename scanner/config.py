@@ -100,6 +100,9 @@ class TrainConfig:
     # Training on cached trunk outputs (scanner.token_cache): augmented draws cached per image beside
     # the clean tokens; each epoch an image takes the clean tokens or one of its draws.
     cached_draws: int = 1
+    # ... and fixed degradations that are cached anyway for the evaluation (names of
+    # scanner.leave_one_out.CONDITIONS, e.g. jpeg75, downscale0.5), mixed in the same way.
+    cached_conditions: tuple[str, ...] = ()
 
 
 @dataclass

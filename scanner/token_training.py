@@ -88,7 +88,10 @@ def train_on_tokens(model, conditions: list[torch.Tensor], labels: torch.Tensor,
         losses = []
         for i in range(0, n, tc.batch_size):
             idx = torch.tensor(order[i:i + tc.batch_size])
-            batch = torch.stack([conditions[c][j] for c, j in zip(choice[idx].tolist(), idx.tolist())])
+            batch = torch.empty((len(idx), *conditions[0].shape[1:]))  # (b, K+1, C)
+            for c, tokens in enumerate(conditions):
+                mine = choice[idx] == c
+                batch[mine] = tokens[idx[mine]]
             logits = model.fuse(batch[:, columns], model.embed(batch[:, -1]))[0]
             loss = loss_fn(logits, labels[idx])
             optimizer.zero_grad(set_to_none=True)

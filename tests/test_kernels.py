@@ -769,9 +769,9 @@ def test_pad_batch():
 
 @contextlib.contextmanager
 def _embedding_rows(detector):
-    """The row count of every call into the detector's embedding (global branch, then local branch)."""
+    """The vectors embedded by every call into the detector's embedding (global branch, then local branch)."""
     seen: list[int] = []
-    hook = detector.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    hook = detector.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[:-1].numel()))
     try:
         yield seen
     finally:
