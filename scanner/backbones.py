@@ -26,10 +26,13 @@ LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
 
 
 class Backbone(nn.Module):
-    def __init__(self, trunk: nn.Module, channels: int, mean, std):
+    def __init__(self, trunk: nn.Module, channels: int, mean, std, fmap_channels: int | None = None):
         super().__init__()
         self.trunk = trunk
-        self.channels = channels
+        self.channels = channels  # of the vector the embedding takes
+        # of the feature map PSM sums; differs from `channels` where the vector concatenates
+        # several layers' class tokens (clip_b16 with trunk_taps)
+        self.fmap_channels = channels if fmap_channels is None else fmap_channels
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -163,10 +166,10 @@ def _tiny(cfg: ModelConfig) -> Backbone:
 
 
 def _clip_b16(cfg: ModelConfig) -> Backbone:
-    from scanner.clip_vit import CLIP_MEAN, CLIP_STD, LAYERS, load_clip_trunk
+    from scanner.clip_vit import CLIP_MEAN, CLIP_STD, LAYERS, WIDTH, load_clip_trunk
 
     trunk = load_clip_trunk(cfg.trunk_blocks or LAYERS, pretrained=cfg.pretrained, taps=tuple(cfg.trunk_taps))
-    return Backbone(trunk, trunk.channels, CLIP_MEAN, CLIP_STD)
+    return Backbone(trunk, trunk.channels, CLIP_MEAN, CLIP_STD, fmap_channels=WIDTH)
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:

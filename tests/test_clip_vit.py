@@ -215,3 +215,18 @@ def test_detector_weights_leave_the_pinned_trunk_out(tmp_path):
     _, info = load_detector(tmp_path / "trained.safetensors")
     assert not info.config.pretrained
     assert (tmp_path / "trained.safetensors").stat().st_size > 10 * (tmp_path / "frozen.safetensors").stat().st_size
+
+
+def test_export_contract_uses_the_maps_channels_not_the_tapped_vectors():
+    """With taps the embedding takes 2x768 values but PSM's map keeps the tower's 768 channels."""
+    from scanner.config import ModelConfig
+    from scanner.export import graph_shapes
+    from scanner.model import Detector
+
+    model = Detector(ModelConfig(backbone="clip_b16", pretrained=False, trunk_blocks=2, trunk_taps=(1, 2), embed_dim=16,
+                                 fusion_heads=2, fusion_layers=1, picks_per_window=1))
+    shapes = graph_shapes(model)
+    assert shapes["global"]["fmap"][1] == 768 and model.embed[0].in_features == 2 * 768
+    with torch.no_grad():
+        fmap, _ = model.global_branch(torch.rand(1, 3, 224, 224))
+    assert list(fmap.shape[1:]) == shapes["global"]["fmap"][1:]
