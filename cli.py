@@ -271,11 +271,11 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
               help="Output format (default: from the --out suffix; parquet needs pip install 'scanner[parquet]').")
 def merge(out_dir, out, fmt):
     """Merge the parts of a distributed scan (`scanner run --ray ... --out OUT_DIR`) into one file, each id
-    once, streamed."""
+    once (its last record: a rerun's record supersedes an earlier transient error), streamed."""
     from scanner.parts import merge_parts
 
     summary = merge_parts(out_dir, out, fmt)
-    dropped = f"; dropped {summary.duplicates} repeated ids" if summary.duplicates else ""
+    dropped = f"; dropped {summary.superseded} superseded records" if summary.superseded else ""
     click.echo(f"merged {summary.records} records from {summary.parts} parts{dropped} -> {out}", err=True)
 
 
