@@ -92,7 +92,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def _http_status(exc: BaseException) -> int | None:
     """The HTTP status an exception carries: aiohttp's `status`, gcsfs's and urllib's `code`,
     botocore's response metadata."""
-    for value in (getattr(exc, "status", None), getattr(exc, "code", None)):
+    for name in ("status", "code"):  # in this order: aiohttp deprecates `code`
+        value = getattr(exc, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and 100 <= value < 600:
             return value
     response = getattr(exc, "response", None)
@@ -179,5 +180,8 @@ def call_with_retries(attempt: Callable[[], T], policy: RetryPolicy, action: str
                     sleep(delay)
                     continue
             tries = f" (after {n + 1} attempts)" if n else ""
-            raise ItemError("io", f"{action}{tries}: {describe(exc)}") from None
+            reason = describe(exc)
+            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not str(exc):
+                reason += f" (nothing received for {policy.read_timeout:g} s)"
+            raise ItemError("io", f"{action}{tries}: {reason}") from None
     raise AssertionError("unreachable")
