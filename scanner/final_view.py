@@ -5,14 +5,14 @@ so an id can have several records: a transient `io` record (scanner.errors) and,
 the record that supersedes it. The rule, applied by resume, `scanner merge`, `scanner report`, the
 Parquet rewrite and the run summary:
 
-    Each id's final record is the last one written for it; an archive's own record (`X::`, which
-    says archive X could not be opened or read to its end) is also superseded by any later record
-    of one of its members (`X::name`), which shows the archive was read after all.
+    Each id's final record is the last one written for it; the record of a container that could not
+    be read (an archive's own id `X::`, a directory's `D/`) is also superseded by any later record
+    of an id inside it (`X::name`, `D/name`), which shows it was read after all.
 
 Two readers apply it:
 - ResumeState: one pass, while a run opens its output. It knows which ids are done (final record not
   transient: skipped by this run) and counts the final records; besides the done set (an IdSet) it
-  keeps only the ids whose final record is transient, and archive records (both are few).
+  keeps only the ids whose final record is transient, and container records (both are few).
 - FinalFilter: two passes, for readers that write or show the records themselves (merge, report,
   Parquet): the first over the ids finds the records superseded, the second keeps the others, in order.
 
@@ -28,26 +28,52 @@ from collections.abc import Callable, Iterable, Iterator
 from scanner.errors import is_transient
 from scanner.idset import IdSet
 
-ARCHIVE_SEP = "::"
 _CHUNK = 4096
 
 
-def archive_prefixes(record_id: str) -> Iterator[str]:
-    """The archive ids (`X::`) a member id `X::name` may belong to, excluding the id itself (names may
-    hold `::`, so every split is a candidate; only those with a record of their own matter)."""
-    pos = record_id.find(ARCHIVE_SEP)
-    while pos != -1 and pos + len(ARCHIVE_SEP) < len(record_id):
-        yield record_id[:pos + len(ARCHIVE_SEP)]
-        pos = record_id.find(ARCHIVE_SEP, pos + len(ARCHIVE_SEP))
-
-
-def is_archive_id(record_id: str) -> bool:
-    return record_id.endswith(ARCHIVE_SEP)
+def is_container_id(record_id: str) -> bool:
+    """An archive's own id (`X::`) or an unreadable directory's (`D/`)."""
+    return record_id.endswith(("::", "/"))
 
 
 def error_kind(record: dict) -> str | None:
     error = record.get("error")
     return error.get("kind") if isinstance(error, dict) else None
+
+
+class _Containers:
+    """Container ids that have a record, each with a value; which of them an id lies inside. They are
+    few (archives and directories that could not be read), so while an id lies inside none of them
+    the check is one C-level startswith over all of them."""
+
+    def __init__(self):
+        self._values: dict = {}
+        self._keys: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def __contains__(self, record_id: str) -> bool:
+        return record_id in self._values
+
+    def set(self, record_id: str, value) -> None:
+        if record_id not in self._values:
+            self._keys = (*self._keys, record_id)
+        self._values[record_id] = value
+
+    def pop(self, record_id: str):
+        value = self._values.pop(record_id)
+        self._keys = tuple(self._values)
+        return value
+
+    def items(self):
+        return self._values.items()
+
+    def holding(self, record_id: str) -> list[str]:
+        """The containers `record_id` lies inside (not itself)."""
+        if not self._keys or not record_id.startswith(self._keys):
+            return []
+        return [key for key in self._keys if key != record_id and record_id.startswith(key)]
 
 
 class ResumeState:
@@ -63,7 +89,7 @@ class ResumeState:
         self.transient: dict[str, str] = {}
         self.counts: Counter = Counter()
         self.records = 0  # records added, superseded or not
-        self._archives: dict[str, str | None] = {}  # X:: -> kind of its final record
+        self._containers = _Containers()  # container id -> kind of its final record
         self._pending_done: list[str] = []
 
     def add(self, record_id: str, kind: str | None, *, mark_done: bool = True) -> None:
@@ -72,8 +98,8 @@ class ResumeState:
         self.records += 1
         self._supersede(record_id)
         self.counts[kind] += 1
-        if is_archive_id(record_id):
-            self._archives[record_id] = kind
+        if is_container_id(record_id):
+            self._containers.set(record_id, kind)
         if is_transient(kind):
             self.transient[record_id] = kind
         elif mark_done:
@@ -88,16 +114,14 @@ class ResumeState:
             self._pending_done = []
 
     def _supersede(self, record_id: str) -> None:
-        if self.transient:
-            kind = self.transient.pop(record_id, _ABSENT)
-            if kind is not _ABSENT:
-                self.counts[kind] -= 1
-                self._archives.pop(record_id, None)
-        if self._archives and not is_archive_id(record_id):
-            for prefix in archive_prefixes(record_id):
-                if prefix in self._archives:
-                    self.counts[self._archives.pop(prefix)] -= 1
-                    self.transient.pop(prefix, None)
+        """Uncount the records the next record of `record_id` supersedes."""
+        if self.transient and record_id in self.transient:
+            self.counts[self.transient.pop(record_id)] -= 1
+            if record_id in self._containers:
+                self._containers.pop(record_id)
+        for container in self._containers.holding(record_id):
+            self.counts[self._containers.pop(container)] -= 1
+            self.transient.pop(container, None)
 
     @property
     def ids(self) -> int:
@@ -119,9 +143,6 @@ class ResumeState:
                 "transient": len(self.transient)}
 
 
-_ABSENT = object()
-
-
 class FinalFilter:
     """Pass 1 (the constructor) reads the ids of an output in order; pass 2 calls keep(id) for the
     same records in the same order and drops those superseded (see the module docstring)."""
@@ -129,7 +150,7 @@ class FinalFilter:
     def __init__(self, ids: Iterable[str]):
         seen = IdSet()
         self._repeats: dict[str, int] = {}  # ids with more than one record -> their number of records
-        archives: dict[str, bool] = {}  # X:: -> whether a member record came after its latest record
+        containers = _Containers()  # container id -> whether a record inside it came after its latest one
         chunk: list[str] = []
 
         def check(chunk: list[str]) -> None:
@@ -138,23 +159,21 @@ class FinalFilter:
                     self._repeats[record_id] = self._repeats.get(record_id, 1) + 1
 
         for record_id in ids:
-            if is_archive_id(record_id):
-                archives[record_id] = False
-            elif archives:
-                for prefix in archive_prefixes(record_id):
-                    if prefix in archives:
-                        archives[prefix] = True
+            for container in containers.holding(record_id):
+                containers.set(container, True)
+            if is_container_id(record_id):
+                containers.set(record_id, False)
             chunk.append(record_id)
             if len(chunk) >= _CHUNK:
                 check(chunk)
                 chunk = []
         check(chunk)
-        self._dropped_archives = {archive for archive, superseded in archives.items() if superseded}
+        self._dropped_containers = {key for key, superseded in containers.items() if superseded}
         self.superseded = 0  # records dropped by keep() so far
 
     def keep(self, record_id: str) -> bool:
         """Whether this record (the next one, in pass-1 order) is its id's final record."""
-        if record_id in self._dropped_archives:
+        if record_id in self._dropped_containers:
             self.superseded += 1
             return False
         left = self._repeats.get(record_id)

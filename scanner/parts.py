@@ -35,9 +35,12 @@ _TMP_PREFIX = ".part-"
 
 
 def new_run_id() -> str:
-    """Sorts by start time (parts of later runs list after earlier ones); the suffix tells apart two
-    runs started in the same second."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+    """Sorts by start time, to the microsecond (parts of later runs list after earlier ones: the final
+    view, scanner.final_view, takes an id's last record in that order); the suffix tells apart runs
+    on different directories started at the same instant. (Ids of older versions, without the
+    microseconds, sort before those of a later run started in the same second.)"""
+    now = time.time()
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}-" + secrets.token_hex(2)
 
 
 def _now() -> str:

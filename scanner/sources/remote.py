@@ -204,8 +204,8 @@ def _walk(fs: Any, path: str, base_url: str, retry: RetryPolicy) -> Iterator[Ite
             continue
         try:
             stack.append((child + "/", iter(_listing(fs, name, retry))))
-        except ItemError as exc:
-            yield Item(child, url=child, error=(exc.kind, str(exc)))
+        except ItemError as exc:  # id with its `/`: a later record of a file in it supersedes this one
+            yield Item(child + "/", url=child + "/", error=(exc.kind, str(exc)))
 
 
 def _archive_opener(url: str, kind: str, read_timeout: float):
