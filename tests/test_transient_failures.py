@@ -6,6 +6,7 @@ one final `io` record, and no id is lost or duplicated in the final view."""
 
 from __future__ import annotations
 
+import errno
 import io
 import tarfile
 import threading
@@ -108,6 +109,29 @@ def test_remote_tar_resumes_where_a_dropped_stream_stopped():
         items = list(iter_sources([server.url("/s.tar")], retry=FAST))
         assert [(i.id.split("::")[1], i.data) for i in items] == list(members.items())  # no archive error
         assert server.requests["/s.tar"] == 3
+
+
+def test_local_reads_retry_transient_os_errors(tmp_path, monkeypatch):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg(0))
+    errors = [OSError(errno.EIO, "Input/output error"), OSError(errno.ESTALE, "Stale file handle")]
+    calls = []
+
+    def flaky_open(file, *args, **kwargs):  # an NFS mount having a bad moment
+        calls.append(file)
+        if errors:
+            raise errors.pop(0)
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr("scanner.sources.item.open", flaky_open, raising=False)
+    assert read_item(Item(str(path), path=str(path)), retry=FAST) == jpeg(0) and len(calls) == 3
+    errors.extend([PermissionError(errno.EACCES, "Permission denied")] * 5)
+    with pytest.raises(ItemError) as info:
+        read_item(Item(str(path), path=str(path)), retry=FAST)
+    assert info.value.kind == "io" and len(calls) == 4  # not retried within the run, but transient
+    with pytest.raises(ItemError) as info:
+        read_item(Item(str(tmp_path / "gone.jpg"), path=str(tmp_path / "gone.jpg")), retry=FAST)
+    assert info.value.kind == "not_found"
 
 
 # --------------------------------------------------------------------------------- a scan and a rerun
