@@ -71,6 +71,27 @@ Exit codes:
 """
 
 
+def _kinds(errors_by_kind: dict) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(errors_by_kind.items()))
+
+
+def _summary_line(summary, model_id: str, out) -> str:
+    """The run's one summary line: this run's records, then the output's final view (each id's last
+    record, scanner.final_view) when earlier runs left records in it."""
+    kinds = _kinds(summary.errors_by_kind)
+    retried = f", {summary.retried} of them retried after transient errors" if summary.retried else ""
+    line = (f"scanned {summary.scanned} files{retried} ({summary.errors} errors{': ' + kinds if kinds else ''}), "
+            f"skipped {summary.skipped_done} already done and {summary.not_images} not images, "
+            f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} files/s, model {model_id} -> {out}")
+    final = summary.output
+    if final and (final["ids"] != summary.scanned or final["transient"]):
+        line += (f"; the output now holds {final['ids']} ids: {final['scored']} scored, {final['errors']} errors"
+                 f"{' (' + _kinds(final['errors_by_kind']) + ')' if final['errors'] else ''}")
+    if final and final["transient"]:
+        line += f"; {final['transient']} transient errors will be retried by the next run"
+    return line
+
+
 def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
     """`--ray` takes an optional value, so in `--ray DIR ...` click reads the first input as the address:
     a value that is not one (local, auto, ray://..., HOST:PORT) goes back to the inputs."""
@@ -118,11 +139,19 @@ def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
               "bfloat16 (AVX512-BF16, AMX), scores within about 1e-3 of fp32; auto: bf16 there, else fp32.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, help="Refuse larger images (decompression bombs).")
 @click.option("--downscale-large", is_flag=True, help="Scan images over --max-pixels at reduced size instead of refusing them.")
+@click.option("--retries", type=int, default=4, show_default=True,
+              help="Retries of a read that may work later (HTTP 5xx and 429, dropped connections, timeouts, disk "
+                   "I/O errors), with exponential backoff and jitter; still failing: an `io` record, which the next "
+                   "run on the same --out tries again.")
+@click.option("--read-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for a connection or for the next bytes of a remote file before the read "
+                   "counts as failed (and is retried).")
 @click.option("--max-errors", type=int, default=None, help="Exit with code 3 if this run writes more error records than this.")
 @click.option("--summary-json", type=click.Path(path_type=Path), default=None, help="Also write the final summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, threads, backend, engines_dir, loader,
-        threshold, precision, max_pixels, downscale_large, max_errors, summary_json, quiet, ray_address):
+        threshold, precision, max_pixels, downscale_large, retries, read_timeout, max_errors, summary_json, quiet,
+        ray_address):
     """Scan INPUTS (directories, image files, tar/zip/webdataset shards, URLs) and write one record per
     image to --out."""
     import json
@@ -132,25 +161,31 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
     from scanner.backends import load_backend
     from scanner.errors import ScannerError
     from scanner.loaders import resolve_loader
+    from scanner.preflight import check_optional_packages
     from scanner.prepare import DecodeOptions
+    from scanner.retry import RetryPolicy
     from scanner.scan import ScanOptions, scan
-    from scanner.sources import expected_total
 
     if ray_address is not None:
         inputs, ray_address = _ray_inputs(inputs, ray_address)
     if not inputs and from_list is None:
         raise ScannerError("nothing to scan: pass directories, files or URLs, or --from-list FILE")
     options = ScanOptions(batch_size=batch_size, workers=workers, threshold=threshold, fmt=fmt, force=force,
-                          decode=DecodeOptions(max_pixels=max_pixels, downscale_large=downscale_large),
+                          decode=DecodeOptions(max_pixels=max_pixels, downscale_large=downscale_large,
+                                               retry=RetryPolicy(retries=retries, read_timeout=read_timeout)),
                           loader=loader)
-    resolve_loader(loader)  # a missing DALI or GPU is an error before anything starts
     options.validate()
+    # Missing optional packages stop the run here, before the model loads and the output opens; the
+    # pass over a list file also gives the progress its total.
+    listed = check_optional_packages(inputs, from_list, fmt=fmt, ray=ray_address is not None,
+                                     loader=loader if ray_address is None else "cpu")
+    total = listed if not inputs else None
+    resolve_loader(loader)  # a missing GPU is an error before anything starts
     _threads(threads)
     if quiet:
         logging.getLogger("scanner").setLevel(logging.WARNING)
     if ray_address is None:  # with --ray every actor loads its own
         model, info = load_backend(backend, model_path, threads=threads, engines_dir=engines_dir, precision=precision)
-    total = expected_total(inputs, from_list)
     stop = threading.Event()
     received: list[int] = []
 
@@ -168,21 +203,15 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
 
             summary = scan_ray(list(inputs), out, from_list=from_list, address=ray_address, model_path=model_path,
                                backend=backend, engines_dir=engines_dir, options=options, threads=threads,
-                               console=None if quiet else _console(), stop=stop, total=total)
+                               console=None if quiet else _console(), stop=stop, total=total, preflight=False)
         else:
             summary = scan(list(inputs), out, model, info, from_list=from_list, options=options,
-                           console=None if quiet else _console(), stop=stop, total=total)
+                           console=None if quiet else _console(), stop=stop, total=total, preflight=False)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     model_id = summary.model if ray_address is not None else info.model_id
-    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.errors_by_kind.items()))
-    click.echo(
-        f"scanned {summary.scanned} files ({summary.errors} errors{': ' + kinds if kinds else ''}), "
-        f"skipped {summary.skipped_done} already done and {summary.not_images} not images, "
-        f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} files/s, model {model_id} -> {out}",
-        err=True,
-    )
+    click.echo(_summary_line(summary, model_id, out), err=True)
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps({**summary.to_json(), "out": str(out), "model": model_id}, indent=2)
@@ -271,11 +300,11 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
               help="Output format (default: from the --out suffix; parquet needs pip install 'scanner[parquet]').")
 def merge(out_dir, out, fmt):
     """Merge the parts of a distributed scan (`scanner run --ray ... --out OUT_DIR`) into one file, each id
-    once, streamed."""
+    once (its last record: a rerun's record supersedes an earlier transient error), streamed."""
     from scanner.parts import merge_parts
 
     summary = merge_parts(out_dir, out, fmt)
-    dropped = f"; dropped {summary.duplicates} repeated ids" if summary.duplicates else ""
+    dropped = f"; dropped {summary.superseded} superseded records" if summary.superseded else ""
     click.echo(f"merged {summary.records} records from {summary.parts} parts{dropped} -> {out}", err=True)
 
 

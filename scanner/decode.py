@@ -67,14 +67,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from scanner.errors import ItemError
+from scanner.errors import ItemError, MissingPackageError
 
 try:  # HEIC/HEIF through Pillow when the optional plugin is installed
     import pillow_heif
 
     pillow_heif.register_heif_opener()
+    HEIF_PLUGIN = True
 except ImportError:
-    pass
+    HEIF_PLUGIN = False
+
+HEIF_INSTALL = "pip install 'scanner[heif]'"
+# ISO-BMFF brands of HEVC-coded HEIF (Pillow reads AVIF itself; only these need pillow-heif).
+_HEVC_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
 
 DEFAULT_MAX_PIXELS = 50_000_000
 DOWNSCALE_CEILING = 16  # downscale_large still refuses images over this many times max_pixels
@@ -175,11 +180,23 @@ def _open_header(data: bytes) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if not HEIF_PLUGIN and is_hevc_heif(data):
+            # The file is fine; this installation is not. No record: installing the plugin and rerunning scans it.
+            raise MissingPackageError(f"a HEIC/HEIF image needs pillow-heif, which is not installed: {HEIF_INSTALL}"
+                                      ) from None
         raise _unidentified(data) from None
     except Image.DecompressionBombError as exc:  # past 2x MAX_IMAGE_PIXELS: refused on every path
         raise DecodeError("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError("decode", f"corrupt image header: {exc}") from None
+
+
+def is_hevc_heif(data: bytes) -> bool:
+    """Whether `data` starts with an ISO-BMFF `ftyp` box naming an HEVC HEIF brand (major or compatible)."""
+    if data[4:8] != b"ftyp":
+        return False
+    box = data[8:min(int.from_bytes(data[:4], "big"), 64)]
+    return any(box[i:i + 4] in _HEVC_BRANDS for i in range(0, len(box) - 3, 4))
 
 
 def _unidentified(data: bytes) -> DecodeError:

@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from scanner.errors import ScannerError
+from scanner.errors import MissingPackageError, ScannerError, is_transient
 from scanner.idset import IdSet
 from scanner.parts import PartDir
 from scanner.progress import ScanProgress
@@ -78,7 +78,7 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise ScannerError("the distributed scan (--ray) needs Ray Data, which is not installed: "
+        raise MissingPackageError("the distributed scan (--ray) needs Ray Data, which is not installed: "
                            "pip install 'scanner[dist]'") from None
     return ray
 
@@ -95,6 +95,9 @@ class DistributedSummary:
     images_per_s: float
     interrupted: bool = False
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    transient: int = 0  # of the errors, transient ones (`io`): the next run tries these ids again
+    retried: int = 0  # items scanned again because their earlier record was a transient error
+    output: dict = field(default_factory=dict)  # the output's final view (scanner.final_view)
     out_dir: str = ""
     model: str = ""  # model id
     run: str = ""  # this run's id (in its part names)
@@ -147,15 +150,18 @@ class _Feeder:
     """Enumerates on a driver thread; new items go to the queue in chunks. Owns `done` from the start:
     the ids of existing parts (resume) plus every id it hands out (an item given twice goes once)."""
 
-    def __init__(self, ray, queue, items: Iterator[Item], done: IdSet, progress: ScanProgress):
+    def __init__(self, ray, queue, items: Iterator[Item], done: IdSet, progress: ScanProgress,
+                 retry_ids: frozenset = frozenset()):
         self._ray = ray
         self._queue = queue
         self._items = items
         self._done = done
+        self._retry_ids = retry_ids  # ids whose earlier record was transient: counted when taken again
         self._progress = progress
         self._closed = threading.Event()
         self.fed = 0
         self.skipped_done = 0
+        self.retried = 0
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="scan-feed", daemon=True)
         self._thread.start()
@@ -171,6 +177,8 @@ class _Feeder:
                     self.skipped_done += skipped
                     self._progress.advance(skipped)  # resumed items count towards the total
                 for item in itertools.compress(group, new):
+                    if self._retry_ids and item.id in self._retry_ids:
+                        self.retried += 1
                     chunk.append(item)
                     size += len(item.data or b"")
                     if len(chunk) >= CHUNK_ITEMS or size >= CHUNK_BYTES:
@@ -247,7 +255,7 @@ def _items_datasource(queue):
 class _Infer:
     """One model per actor (scanner.backends.load_backend), fed by prepare() on `workers` threads (0:
     on this thread) and run by the same BatchRunner as a local scan, `batch_size` images at a time.
-    Out: the record of every item (a JSON line), its error kind, or a skip."""
+    Out: the record of every item (a JSON line), its id and error kind, or a skip."""
 
     def __init__(self, backend: str, model_path, engines_dir, threads: int | None, model_id: str, threshold: float,
                  decode_options: DecodeOptions, batch_size: int, workers: int):
@@ -318,6 +326,7 @@ class _Infer:
         records = [p.record for p in prepared]
         return pa.table({
             "record": pa.array([dumps(r) if r is not None else None for r in records], pa.string()),
+            "id": pa.array([_enc(p.item.id) for p in prepared], pa.binary()),
             "error_kind": pa.array([r["error"]["kind"] if r is not None and r["error"] else None for r in records],
                                    pa.string()),
             "skip": pa.array([p.skip for p in prepared], pa.bool_()),
@@ -429,7 +438,7 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
              backend: str = "auto", engines_dir=None, options: ScanOptions | None = None, actors: int | None = None,
              actor_cpus: int | None = None, threads: int | None = None, part_size: int = PART_SIZE,
              part_seconds: float = PART_SECONDS, console=None, stop: threading.Event | None = None,
-             total: int | None = None, on_part=None) -> DistributedSummary:
+             total: int | None = None, on_part=None, preflight: bool = True) -> DistributedSummary:
     """Scan `inputs` (and `from_list`) on a Ray cluster into the directory `out_dir` (scanner.parts).
 
     address: None or "local" starts a local Ray (unless one is initialised already), "auto" attaches
@@ -440,7 +449,9 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
     CPUs, 1 beside a CPU model; 0: decode between batches). Records are committed in parts of
     `part_size` (or what arrived in `part_seconds`); `on_part(name, records)` is called after each.
     `stop` (an Event) ends the run after the records received so far are written, like SIGINT.
-    Rerunning with the same `out_dir` resumes; options.force starts over.
+    Rerunning with the same `out_dir` resumes (ids whose final record is a transient error are scanned
+    again); options.force starts over. Optional packages the inputs need are checked first
+    (scanner.preflight; preflight=False: the caller has checked).
     """
     from scanner.backends import CHOICES
     from scanner.scan import ScanOptions
@@ -462,7 +473,12 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [os.fspath(i) for i in inputs]
-    items = iter_sources(inputs, from_list=from_list, max_bytes=options.decode.max_bytes)  # validates now
+    if preflight:
+        from scanner.preflight import check_optional_packages
+
+        check_optional_packages(inputs, from_list, fmt=options.fmt, ray=True)  # actors decode on CPUs
+    items = iter_sources(inputs, from_list=from_list, max_bytes=options.decode.max_bytes,
+                         retry=options.retry)  # validates now
     model_path = os.path.abspath(info.path) if model_path is not None else None
     engines_dir = os.path.abspath(engines_dir) if engines_dir is not None else None
     stop = stop or threading.Event()
@@ -518,7 +534,7 @@ class _Driver:
         start = time.perf_counter()
         progress = ScanProgress(console, total)
         queue = Queue(maxsize=QUEUE_CHUNKS, actor_options=self._queue_placement())
-        feeder = _Feeder(self.ray, queue, items, self.parts.done, progress)
+        feeder = _Feeder(self.ray, queue, items, self.parts.done, progress, self.parts.retry_ids)
         batches = None
         try:
             batches = iter(self._dataset(queue, actors, resources, actor_args).iter_batches(
@@ -550,7 +566,8 @@ class _Driver:
         return DistributedSummary(
             written, sum(self.kinds.values()), feeder.skipped_done, self.not_images, seconds,
             written / seconds if seconds > 0 else 0.0, self.stop.is_set(), dict(self.kinds),
-            out_dir=self.parts.path, model=self.parts.model_id, run=self.parts.run_id, parts=self.new_parts,
+            transient=sum(n for kind, n in self.kinds.items() if is_transient(kind)), retried=feeder.retried,
+            output=self.parts.state.summary(), out_dir=self.parts.path, model=self.parts.model_id, run=self.parts.run_id, parts=self.new_parts,
             unfinished=unfinished, actors=actors)
 
     def _queue_placement(self) -> dict:
@@ -562,15 +579,17 @@ class _Driver:
 
     def _take(self, batch, progress: ScanProgress) -> None:
         records = batch.column("record").to_pylist()
+        ids = batch.column("id").to_pylist()
         kinds = batch.column("error_kind").to_pylist()
         skips = batch.column("skip").to_pylist()
         errors = 0
-        for record, kind, skip in zip(records, kinds, skips):
+        for record, record_id, kind, skip in zip(records, ids, kinds, skips):
             self.received += 1
             if skip:
                 self.not_images += 1
                 continue
             self.lines.append(record)
+            self.parts.state.add(_dec(record_id), kind, mark_done=False)  # the run's final view, for the summary
             if kind is not None:
                 self.kinds[kind] += 1
                 errors += 1

@@ -1,15 +1,17 @@
 """`--format parquet`: the JSONL records as a Parquet table (pyarrow, the `parquet` extra).
 
 Columns mirror the JSONL keys; `error` is a struct {kind, message}. Written once per run from the
-previous Parquet file plus the run's JSONL journal (scanner.store), in bounded-size row groups.
+previous Parquet file plus the run's JSONL journal (scanner.store), in bounded-size row groups, as
+their final view (scanner.final_view): a row superseded by a later record of its id (a transient
+error scanned again) is dropped, so the Parquet file holds one row per id.
 """
 
 from __future__ import annotations
 
 import os
 
-from scanner.errors import ScannerError
-from scanner.idset import IdSet
+from scanner.errors import MissingPackageError, ScannerError
+from scanner.final_view import FinalFilter, ResumeState
 from scanner.results import KEYS
 
 ROWS_PER_GROUP = 65536
@@ -20,7 +22,7 @@ def require_pyarrow():
         import pyarrow  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise ScannerError("--format parquet needs pyarrow: pip install 'scanner[parquet]'") from None
+        raise MissingPackageError("--format parquet needs pyarrow: pip install 'scanner[parquet]'") from None
     return pyarrow
 
 
@@ -41,20 +43,23 @@ def arrow_schema():
     ])
 
 
-def read_parquet_ids(path: str, model_id: str | None, done: IdSet) -> None:
-    """Adds the ids of an existing Parquet output to `done`; refuses one written by another model."""
+def read_parquet_state(path: str, model_id: str | None, state: ResumeState) -> None:
+    """Adds the rows of an existing Parquet output to `state` (scanner.final_view); refuses one written
+    by another model."""
     require_pyarrow()
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    for batch in parquet.iter_batches(columns=["id", "model"], batch_size=ROWS_PER_GROUP):
+    for batch in parquet.iter_batches(columns=["id", "model", "error"], batch_size=ROWS_PER_GROUP):
         models = set(batch.column("model").to_pylist())
         if model_id is not None and models - {model_id}:
             raise ScannerError(
                 f"{path!r} was written with model {sorted(models - {model_id})[0]!r}, this run uses "
                 f"{model_id!r}; pass --force to start over or write to another --out"
             )
-        done.add_new(batch.column("id").to_pylist())
+        for record_id, error in zip(batch.column("id").to_pylist(), batch.column("error").to_pylist()):
+            state.add(record_id, error["kind"] if error else None)
+    state.flush()
 
 
 def to_table(rows: list[dict], schema, hint: str):
@@ -107,14 +112,27 @@ def merge_journal(journal: str, path: str) -> None:
     os.unlink(journal)
 
 
+def _parquet_batches(path: str, columns=None):
+    import pyarrow.parquet as pq
+
+    if os.path.exists(path):
+        yield from pq.ParquetFile(path).iter_batches(columns=columns, batch_size=ROWS_PER_GROUP)
+
+
 def _write_merged(journal: str, path: str, tmp: str, schema, hint: str) -> None:
+    import itertools
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from scanner.store import iter_records
 
+    # The old rows, then the journal (its records are the later ones); pass 1 reads only the ids.
+    old_ids = (i for batch in _parquet_batches(path, ["id"]) for i in batch.column("id").to_pylist())
+    kept = FinalFilter(itertools.chain(old_ids, (record["id"] for record in iter_records(journal))))
     with pq.ParquetWriter(tmp, schema) as writer:
-        if os.path.exists(path):
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_GROUP):
-                writer.write_table(pa.Table.from_batches([batch]).cast(schema))
-        write_records(writer, iter_records(journal), schema, hint)
+        for batch in _parquet_batches(path):  # old rows stay Arrow batches; superseded ones are filtered out
+            table = pa.Table.from_batches([batch]).cast(schema)
+            mask = [kept.keep(i) for i in batch.column("id").to_pylist()]
+            writer.write_table(table if all(mask) else table.filter(pa.array(mask)))
+        write_records(writer, (r for r in iter_records(journal) if kept.keep(r["id"])), schema, hint)

@@ -6,8 +6,10 @@
       manifest.json.lock         held while a driver writes here (scanner.store.OutputLock)
 
 A part is written under a temporary name, fsync'ed and renamed, so a run killed at any moment
-leaves only whole parts (and maybe a `.part-*.tmp`, removed by the next run). Resume reads the ids of
-every part (an IdSet) and skips them. Nothing here needs Ray: `scanner merge` runs anywhere.
+leaves only whole parts (and maybe a `.part-*.tmp`, removed by the next run). Resume reads every
+part, in name order (= run, then block), into a ResumeState (scanner.final_view) and skips the ids that
+are done; ids whose final record is transient are scanned again. `scanner merge` writes the final
+view: each id's last record. Nothing here needs Ray: `scanner merge` runs anywhere.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from scanner.errors import ScannerError
+from scanner.final_view import FinalFilter, ResumeState
 from scanner.idset import IdSet
 from scanner.results import SCHEMA_VERSION, dumps
-from scanner.store import OutputLock, iter_records, read_done_ids
+from scanner.store import OutputLock, iter_records, read_resume_state
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "scanner-parts/1"
@@ -32,9 +35,12 @@ _TMP_PREFIX = ".part-"
 
 
 def new_run_id() -> str:
-    """Sorts by start time (parts of later runs list after earlier ones); the suffix tells apart two
-    runs started in the same second."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+    """Sorts by start time, to the microsecond (parts of later runs list after earlier ones: the final
+    view, scanner.final_view, takes an id's last record in that order); the suffix tells apart runs
+    on different directories started at the same instant. (Ids of older versions, without the
+    microseconds, sort before those of a later run started in the same second.)"""
+    now = time.time()
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}-" + secrets.token_hex(2)
 
 
 def _now() -> str:
@@ -74,8 +80,8 @@ def _write_atomic(path: str, data: bytes) -> None:
 class PartDir:
     """A scan's output directory, opened by one driver at a time. Use as a context manager.
 
-    After `open()`, `done` holds the ids of every existing part (resume); `commit(ids, lines)` writes
-    the next part; `close()` writes the final manifest and unlocks.
+    After `open()`, `state` holds the final view of every existing part (resume: `done` are the ids
+    to skip); `commit(lines)` writes the next part; `close()` writes the final manifest and unlocks.
     """
 
     path: str
@@ -84,7 +90,8 @@ class PartDir:
     from_list: str | None = None
     force: bool = False
     run_id: str = field(default_factory=new_run_id)
-    done: IdSet = field(default_factory=IdSet)
+    state: ResumeState = field(default_factory=ResumeState)
+    retry_ids: frozenset = frozenset()  # ids whose final record was transient at open
     parts: dict[str, int] = field(default_factory=dict)  # part name -> records
     written: int = 0  # records committed by this run
     _block: int = 0
@@ -120,16 +127,22 @@ class PartDir:
         if previous is not None:
             self._runs = list(previous.get("runs", []))
         for name in list_parts(self.path):
-            before = len(self.done)
+            before = self.state.records
             # Checks schema and model on every line: a part of another model is refused, not mixed.
-            read_done_ids(os.path.join(self.path, name), self.model_id, self.done)
-            self.parts[name] = len(self.done) - before
+            read_resume_state(os.path.join(self.path, name), self.model_id, self.state)
+            self.parts[name] = self.state.records - before
+        self.retry_ids = frozenset(self.state.transient)
         self._started = _now()
+
+    @property
+    def done(self) -> IdSet:
+        return self.state.done
 
     def commit(self, lines: list[str]) -> str:
         """Write the next part (atomically): `lines` are records serialised by scanner.results.dumps.
         Returns its name. (`done` is not updated: the scan's feed owns it from the start, and adds
-        every id it hands out, so an item given twice is scanned once.)"""
+        every id it hands out, so an item given twice is scanned once; the driver adds the records
+        to `state` as they arrive.)"""
         name = f"part-{self.run_id}-{self._block:06d}.jsonl"
         self._block += 1
         _write_atomic(os.path.join(self.path, name), "".join(line + "\n" for line in lines).encode("ascii"))
@@ -194,8 +207,8 @@ def read_manifest(out_dir: str) -> dict | None:
 @dataclass
 class MergeSummary:
     parts: int
-    records: int  # written to the merged file
-    duplicates: int  # ids seen again in a later part, dropped (there should be none)
+    records: int  # written to the merged file: one per id
+    superseded: int  # records dropped because a later one of the same id supersedes them
 
 
 def iter_part_records(out_dir: str) -> Iterator[dict]:
@@ -204,34 +217,29 @@ def iter_part_records(out_dir: str) -> Iterator[dict]:
         yield from iter_records(os.path.join(out_dir, name))
 
 
-def _unique(records: Iterable[dict], model_id: str | None, summary: MergeSummary,
-            chunk: int = 4096) -> Iterator[dict]:
-    """Drops records whose id came earlier (checked a chunk at a time against an IdSet); refuses a
-    record of another model or schema."""
-    seen = IdSet()
-    buffer: list[dict] = []
-
-    def flush():
-        new = seen.add_new([r["id"] for r in buffer])
-        summary.duplicates += new.count(False)
-        kept = [r for r, keep in zip(buffer, new) if keep]
-        summary.records += len(kept)
-        buffer.clear()
-        return kept
-
+def _checked(records: Iterable[dict], model_id: str | None) -> Iterator[dict]:
+    """The records, refusing one of another model or schema."""
     for record in records:
         if record.get("schema") != SCHEMA_VERSION or (model_id is not None and record.get("model") != model_id):
             raise ScannerError(f"a part holds a record of schema {record.get('schema')!r} and model "
                                f"{record.get('model')!r}; expected schema {SCHEMA_VERSION} and model {model_id!r}")
-        buffer.append(record)
-        if len(buffer) >= chunk:
-            yield from flush()
-    yield from flush()
+        yield record
+
+
+def _final(out_dir: str, model_id: str | None, summary: MergeSummary) -> Iterator[dict]:
+    """The final view of the parts (scanner.final_view): each id's last record, in part order."""
+    kept = FinalFilter(record["id"] for record in iter_part_records(out_dir))
+    for record in _checked(iter_part_records(out_dir), model_id):
+        if kept.keep(record["id"]):
+            summary.records += 1
+            yield record
+    summary.superseded = kept.superseded
 
 
 def merge_parts(out_dir, out, fmt: str | None = None) -> MergeSummary:
     """Stream every part of `out_dir` into the single file `out` (JSONL, or Parquet for fmt="parquet"
-    or a .parquet name), each id once, written under a temporary name and renamed at the end.
+    or a .parquet name), each id once (its final record, scanner.final_view), written under a
+    temporary name and renamed at the end.
 
     Parts are whole by construction, so merging during a run gives the records committed so far.
     Refuses a directory with no manifest, a part the manifest lists that is missing (rerun the scan
@@ -249,8 +257,8 @@ def merge_parts(out_dir, out, fmt: str | None = None) -> MergeSummary:
     if missing:
         raise ScannerError(f"{len(missing)} part(s) listed in {out_dir}/{MANIFEST} are missing (first: {missing[0]}); "
                            f"rerun `scanner run --ray` with the same --out to scan their images again, then merge")
-    summary = MergeSummary(parts=len(present), records=0, duplicates=0)
-    records = _unique(iter_part_records(out_dir), manifest.get("model"), summary)
+    summary = MergeSummary(parts=len(present), records=0, superseded=0)
+    records = _final(out_dir, manifest.get("model"), summary)
     parent = os.path.dirname(out)
     if parent:
         os.makedirs(parent, exist_ok=True)

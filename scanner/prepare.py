@@ -1,7 +1,9 @@
 """One work item -> bytes -> sha256 -> decoded image, on a decode worker thread.
 
 The outcome is either an image awaiting the model, a finished error record, or a skip (the file is
-not an image by content or name). Nothing here raises for a bad file.
+not an image by content or name). Nothing here raises for a bad file; a ScannerError (an optional
+package this file needs is missing) passes through and stops the scan, without a record for the file:
+installing the package and rerunning scans it.
 
 With a batch loader (scanner.loaders, `--loader dali`) the worker stops after the header: a file the
 loader routes to itself keeps its bytes in `encoded`, and the loader decodes it with its batch right
@@ -11,13 +13,14 @@ before inference (`decode_into` is the CPU decoder it falls back to for a file i
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from scanner.decode import DEFAULT_MAX_PIXELS, decode
-from scanner.errors import ItemError
+from scanner.errors import ItemError, ScannerError
 from scanner.results import error_record
+from scanner.retry import RetryPolicy
 from scanner.sources import MAX_ITEM_BYTES, Item, read_item
 from scanner.stages import stage
 
@@ -27,6 +30,7 @@ class DecodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     downscale_large: bool = False
     max_bytes: int = MAX_ITEM_BYTES
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # reading: retries and timeouts (scanner.retry)
 
 
 @dataclass
@@ -49,7 +53,7 @@ def prepare(item: Item, model_id: str, options: DecodeOptions, loader=None) -> P
     out = Prepared(item)
     try:
         with stage("read"):  # bytes and their sha256
-            data = read_item(item, options.max_bytes)
+            data = read_item(item, options.max_bytes, options.retry)
             if data is None:
                 out.skip = True
                 return out
@@ -78,6 +82,8 @@ def decode_into(out: Prepared, data: bytes, model_id: str, options: DecodeOption
 def _fail(out: Prepared, exc: Exception, model_id: str) -> Prepared:
     """The error record for an exception raised while reading or decoding `out`'s item."""
     item = out.item
+    if isinstance(exc, ScannerError):
+        raise exc  # not this file's fault: stop the scan and say what to install
     if isinstance(exc, ItemError):
         out.record = error_record(item.id, out.sha256, exc.kind, str(exc), model_id)
     elif isinstance(exc, MemoryError):

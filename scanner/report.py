@@ -22,7 +22,9 @@ Sections:
   real-only sources as the evaluation does) and the robustness plots found in DIR.
 
 The results file is streamed: only the histogram counts, the error counts (and a few messages) and a
-heap of the top N records are held, whatever the file's length.
+heap of the top N records are held, whatever the file's length. It is read as its final view
+(scanner.final_view): an id with several records (a transient error, then the rerun's record) counts
+once, by its last record; a first pass over the ids finds the records superseded.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scanner.errors import ItemError, ScannerError
+from scanner.errors import ItemError, ScannerError, is_transient
 from scanner.explain import GROUP_COLOURS, read_many_ids, shorten
+from scanner.final_view import FinalFilter
 
 BINS = 50
 LOGIT_SPAN = 9.21  # bins cover logits -9.21..9.21, scores 0.0001..0.9999; beyond, the outer bins
@@ -99,6 +102,7 @@ class Stats:
     max_real: float | None = None
     min_synthetic: float | None = None
     torn_last_line: bool = False
+    superseded: int = 0  # records not counted: a later record of the same id supersedes them
     _heap: list = field(default_factory=list)
 
     def add(self, rec: dict, line: int) -> None:
@@ -167,6 +171,7 @@ def read_stats(path, top_n: int = 50) -> Stats:
     if top_n < 0:
         raise ScannerError(f"--top is {top_n}; expected 0 or more images")
     stats = Stats(top_n=top_n)
+    kept = FinalFilter(_ids(path))
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, 1):
             if not line.endswith(b"\n"):
@@ -182,8 +187,28 @@ def read_stats(path, top_n: int = 50) -> Stats:
             if not isinstance(rec, dict) or "id" not in rec:
                 raise ScannerError(f"{path!r} line {number} is not a scanner record (no 'id'); pass a JSONL "
                                    "results file from `scanner run`")
-            stats.add(rec, number)
+            if kept.keep(str(rec["id"])):
+                stats.add(rec, number)
+    stats.superseded = kept.superseded
     return stats
+
+
+def _ids(path: str):
+    """Pass 1: the ids of the whole lines, in order (lines that are not records are left to pass 2,
+    which refuses them)."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                return
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                return
+            if not isinstance(rec, dict) or "id" not in rec:
+                return
+            yield str(rec["id"])
 
 
 # ------------------------------------------------------------------------------------- figures
@@ -428,6 +453,9 @@ def _counts_html(stats: Stats) -> str:
     out = f"<table>{body}</table>"
     if models:
         out += f'<p class="muted">model{"s" if len(stats.models) > 1 else ""}: {models}</p>'
+    if stats.superseded:
+        out += (f'<p class="muted">Counted once per id, by its last record: {stats.superseded} earlier records '
+                'superseded by a later one of the same id (a transient error scanned again) are left out.</p>')
     if stats.torn_last_line:
         out += '<p class="note">The last line of the file is incomplete (a scan still running or killed); it is skipped.</p>'
     return out
@@ -441,6 +469,10 @@ def _errors_html(stats: Stats) -> str:
         examples = "<br/>".join(f"<code>{esc(shorten(i, 80))}</code>: {esc(m)}" for i, m in stats.examples.get(kind, []))
         rows.append(f'<tr><td>{esc(kind)}</td><td class="n">{n}</td><td>{examples}</td></tr>')
     table = "<table><tr><th>kind</th><th>records</th><th>examples</th></tr>" + "".join(rows) + "</table>"
+    transient = sorted(kind for kind in stats.errors_by_kind if is_transient(kind))
+    if transient:
+        table += (f'<p class="muted">{esc(", ".join(transient))}: transient (a read that failed after its retries); '
+                  'the next scan into the same output tries these files again.</p>')
     return table + img_tag(errors_png(stats.errors_by_kind), "error records by kind")
 
 

@@ -5,8 +5,9 @@
 
 The stages are joined by bounded queues, so memory stays flat however long the listing is and a slow
 stage holds the others back instead of piling up work. Records are written in enumeration order, one
-per item, errors at their position; items already in the output (resume) are skipped, and so are
-files that are not images (scanner.sources.sniff). `workers=0` runs every stage on this thread, one
+per item, errors at their position; items already done in the output (resume: their final record is
+not a transient error, scanner.final_view) are skipped, and so are files that are not images
+(scanner.sources.sniff). `workers=0` runs every stage on this thread, one
 after the other: the reference the overlap is measured against.
 
 Loaders (`ScanOptions.loader`, scanner.loaders). With "cpu" (the default) the workers decode, as
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from scanner.errors import ScannerError
+from scanner.errors import ScannerError, is_transient
 from scanner.idset import IdSet
 from scanner.inference import BatchRunner
 from scanner.loaders import CHOICES as LOADER_CHOICES
@@ -63,6 +64,12 @@ class ScanOptions:
     fsync_interval: float = 5.0
     loader: str = "cpu"  # "cpu" | "dali" | "nvjpeg" | "auto" (scanner.loaders.resolve_loader)
 
+    @property
+    def retry(self):
+        """Retries and timeouts of reads (scanner.retry.RetryPolicy), kept with the decode options: they
+        travel to the decode workers (and Ray actors) together."""
+        return self.decode.retry
+
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ScannerError(f"batch size is {self.batch_size}; expected a positive integer")
@@ -74,6 +81,7 @@ class ScanOptions:
             raise ScannerError(f"threshold is {self.threshold}; expected a probability in [0, 1]")
         if self.loader not in LOADER_CHOICES:
             raise ScannerError(f"loader is {self.loader!r}; expected one of {', '.join(LOADER_CHOICES)}")
+        self.decode.retry.validate()
 
 
 @dataclass
@@ -86,6 +94,9 @@ class ScanSummary:
     images_per_s: float  # records written per second
     interrupted: bool = False
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    transient: int = 0  # of the errors, transient ones (`io`): the next run tries these ids again
+    retried: int = 0  # items scanned again because their earlier record was a transient error
+    output: dict = field(default_factory=dict)  # the output's final view: ResumeState.summary()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -104,8 +115,10 @@ class _Feed:
 
     CHUNK = 64  # ids are checked against the done set a chunk at a time (scanner.idset)
 
-    def __init__(self, items, done: IdSet, maxsize: int, threaded: bool):
+    def __init__(self, items, done: IdSet, maxsize: int, threaded: bool, retry_ids: frozenset = frozenset()):
         self.skipped_done = 0
+        self.retried = 0
+        self._retry_ids = retry_ids  # ids whose earlier record was transient: counted when taken again
         self._items = self._new_items(items, done)
         self._threaded = threaded
         self._closed = threading.Event()
@@ -123,7 +136,10 @@ class _Feed:
             if not chunk:
                 return
             self.skipped_done += new.count(False)
-            yield from itertools.compress(chunk, new)
+            taken = list(itertools.compress(chunk, new))
+            if self._retry_ids:
+                self.retried += sum(item.id in self._retry_ids for item in taken)
+            yield from taken
 
     def _fill(self) -> None:
         try:
@@ -212,19 +228,27 @@ class _Immediate:
 
 
 def scan(inputs, out_path, model, info, *, from_list: str | None = None, options: ScanOptions | None = None,
-         console=None, stop: threading.Event | None = None, total: int | None = None) -> ScanSummary:
+         console=None, stop: threading.Event | None = None, total: int | None = None,
+         preflight: bool = True) -> ScanSummary:
     """Scan `inputs` (a path, URL, or a list of them; see scanner.sources) and `from_list` into `out_path`.
 
     model: a Detector (forward(list of uint8 (3, H, W)) -> logits (B,), boxes (B, K, 4)); info: its
     ModelInfo (model_id, threshold). Progress is drawn on `console` when given; `total` (items, when
-    known) gives it an ETA. Raises ScannerError for bad inputs before the output is touched.
+    known) gives it an ETA. Raises ScannerError for bad inputs, and for optional packages they need but
+    which are not installed (scanner.preflight; preflight=False: the caller has checked), before the
+    output is touched.
     """
     options = options or ScanOptions()
     options.validate()
     threshold = info.threshold if options.threshold is None else float(options.threshold)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    items = iter_sources([os.fspath(i) for i in inputs], from_list=from_list, max_bytes=options.decode.max_bytes)
+    inputs = [os.fspath(i) for i in inputs]
+    if preflight:
+        from scanner.preflight import check_optional_packages
+
+        check_optional_packages(inputs, from_list, fmt=options.fmt, loader=options.loader)
+    items = iter_sources(inputs, from_list=from_list, max_bytes=options.decode.max_bytes, retry=options.retry)
     workers = default_workers() if options.workers is None else options.workers
     device = model_device(model)
     loader_name = resolve_loader(options.loader, device)  # auto: decode where the model computes
@@ -259,7 +283,7 @@ class _Scan:
         window_size = self.options.batch_size + 2 * max(self.workers, 1)  # decoded images held at most
         start = time.perf_counter()
         progress = ScanProgress(console, total)
-        feed = _Feed(items, store.done, window_size, threaded)
+        feed = _Feed(items, store.done, window_size, threaded, store.retry_ids)
         writer = _Writer(store, progress, threaded)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="scan-decode") if threaded else None
         try:
@@ -274,8 +298,10 @@ class _Scan:
                 progress.close()
         seconds = time.perf_counter() - start
         errors = sum(self.kinds.values())
+        transient = sum(n for kind, n in self.kinds.items() if is_transient(kind))
         return ScanSummary(self.scanned, errors, feed.skipped_done, self.not_images, seconds,
-                           self.scanned / seconds if seconds > 0 else 0.0, self.stop.is_set(), dict(self.kinds))
+                           self.scanned / seconds if seconds > 0 else 0.0, self.stop.is_set(), dict(self.kinds),
+                           transient=transient, retried=feed.retried, output=store.state.summary())
 
     def _loop(self, feed: _Feed, pool, writer: _Writer, progress: ScanProgress, window_size: int) -> None:
         window: deque[Future] = deque()

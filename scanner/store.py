@@ -7,8 +7,10 @@ close. Parquet cannot be appended to, so a Parquet output keeps the same JSONL f
 beside it (`OUT.journal.jsonl`) and rewrites the Parquet file from the old rows plus the journal when
 the run ends; a run killed before that resumes from the journal.
 
-Resume: opening an existing output reads it once and remembers the ids it holds; the scan skips
-them. `force=True` starts over instead.
+Resume: opening an existing output reads it once (scanner.final_view.ResumeState) and remembers the
+ids that are done, those whose final record is not transient; the scan skips them. An id whose last
+record is a transient `io` error is scanned again, and its new record supersedes the old one.
+`force=True` starts over instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from scanner.errors import LockedError, ScannerError
+from scanner.final_view import ResumeState, error_kind
 from scanner.idset import IdSet
 from scanner.results import SCHEMA_VERSION, dumps
 
@@ -79,15 +82,14 @@ class OutputLock:
             self._fd = None
 
 
-def read_done_ids(path: str, model_id: str | None, done: IdSet | None = None) -> IdSet:
-    """Ids already in a JSONL output (or journal), added to `done`. Drops a torn last line (truncating
-    the file to its last whole line); refuses a file written by another model or schema, or holding
-    a bad line."""
-    done = IdSet() if done is None else done
+def read_resume_state(path: str, model_id: str | None, state: ResumeState | None = None) -> ResumeState:
+    """The records of a JSONL output (or journal), added to `state` (done ids, transient ids, final
+    counts). Drops a torn last line (truncating the file to its last whole line); refuses a file
+    written by another model or schema, or holding a bad line."""
+    state = ResumeState() if state is None else state
     if not os.path.exists(path):
-        return done
+        return state
     good_end = 0
-    ids: list[str] = []
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, 1):
             if not line.endswith(b"\n"):
@@ -101,16 +103,13 @@ def read_done_ids(path: str, model_id: str | None, done: IdSet | None = None) ->
                     f"or was edited. Fix or move it, or pass --force to start over"
                 ) from None
             _check_compatible(path, record, model_id)
-            ids.append(record_id)
-            if len(ids) >= 4096:
-                done.add_new(ids)
-                ids = []
+            state.add(record_id, error_kind(record))
             good_end += len(line)
-    done.add_new(ids)
+    state.flush()
     if good_end != os.path.getsize(path):
         with open(path, "r+b") as fh:
             fh.truncate(good_end)
-    return done
+    return state
 
 
 def _check_compatible(path: str, record: dict, model_id: str | None) -> None:
@@ -127,7 +126,8 @@ def _check_compatible(path: str, record: dict, model_id: str | None) -> None:
 
 
 class ResultStore:
-    """Where a scan's records go. Use as a context manager; `done` holds the ids to skip."""
+    """Where a scan's records go. Use as a context manager; `done` holds the ids to skip, `state` the
+    output's final view (scanner.final_view), kept up to date as records are written."""
 
     def __init__(self, path, *, fmt: str = "jsonl", force: bool = False, model_id: str | None = None,
                  fsync_interval: float = 5.0):
@@ -139,7 +139,8 @@ class ResultStore:
         self.model_id = model_id
         self.fsync_interval = fsync_interval
         self.journal = self.path if fmt == "jsonl" else self.path + ".journal.jsonl"
-        self.done = IdSet()
+        self.state = ResumeState()
+        self.retry_ids: frozenset[str] = frozenset()  # ids whose final record was transient at open
         self.written = 0
         self._lock = OutputLock(self.path)
         self._fd: int | None = None
@@ -159,25 +160,34 @@ class ResultStore:
                 for stale in {self.path, self.journal}:
                     if os.path.exists(stale):
                         os.unlink(stale)
-            self.done = read_done_ids(self.journal, self.model_id)
+            self.state = ResumeState()
             if self.fmt == "parquet" and os.path.exists(self.path):
-                from scanner.parquet import read_parquet_ids
+                from scanner.parquet import read_parquet_state
 
-                read_parquet_ids(self.path, self.model_id, self.done)
+                read_parquet_state(self.path, self.model_id, self.state)  # older than the journal
+            read_resume_state(self.journal, self.model_id, self.state)
+            self.retry_ids = frozenset(self.state.transient)
             self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except BaseException:
             self._lock.release()
             raise
         return self
 
+    @property
+    def done(self) -> IdSet:
+        return self.state.done
+
     def write(self, records: Iterable[dict]) -> None:
         """Append whole lines in one write; fsync when the interval has passed."""
+        records = list(records)
         data = "".join(dumps(r) + "\n" for r in records).encode("ascii")
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)  # a regular file takes it whole; loop for the rare short write
             view = view[n:]
-        self.written += data.count(b"\n")
+        self.written += len(records)
+        for record in records:  # the feed has marked their ids done already
+            self.state.add(record["id"], error_kind(record), mark_done=False)
         if time.monotonic() - self._last_sync >= self.fsync_interval:
             self.sync()
 

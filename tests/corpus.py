@@ -253,7 +253,7 @@ def make_corpus(root: Path, *, unreadable: bool = False) -> dict[str, Expected]:
     dangling = root / "links" / "dangling.jpg"
     dangling.parent.mkdir(parents=True, exist_ok=True)
     dangling.symlink_to(root / "links" / "missing.jpg")
-    expected["links/dangling.jpg"] = error("io")
+    expected["links/dangling.jpg"] = error("not_found")
     if unreadable and can_make_unreadable():
         path = root / UNREADABLE
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,7 @@ def test_interrupted_run_then_resumed_from_the_cli(corpus, weights, local, tmp_p
 def test_merge_jsonl_and_parquet(scanned, local, tmp_path):
     out = scanned[0]
     summary = merge_parts(out, tmp_path / "all.jsonl")
-    assert (summary.records, summary.duplicates) == (len(local), 0)
+    assert (summary.records, summary.superseded) == (len(local), 0)
     assert_same(list(iter_records(tmp_path / "all.jsonl")), local)
     pq = pytest.importorskip("pyarrow.parquet")
     with pytest.raises(ScannerError, match="not valid UTF-8"):  # Arrow strings cannot hold the odd name
@@ -204,7 +204,7 @@ def test_merge_drops_repeats_and_refuses_missing_parts(scanned, local, tmp_path)
     names = list_parts(str(out))
     shutil.copy(out / names[0], out / "part-99999999T000000-0000-000000.jsonl")  # a stray copy
     summary = merge_parts(out, tmp_path / "m.jsonl")
-    assert summary.records == len(local) and summary.duplicates > 0
+    assert summary.records == len(local) and summary.superseded > 0  # the stray copy is the later record
     assert_same(list(iter_records(tmp_path / "m.jsonl")), local)
     (out / names[-1]).unlink()
     with pytest.raises(ScannerError, match="missing"):
@@ -230,3 +230,38 @@ def test_actor_layout():
     gpu_nodes = [{"CPU": 16, "GPU": 2}, {"CPU": 8, "GPU": 4}, {"CPU": 32}]
     assert actor_layout(gpu_nodes, None, None) == (6, 6, {"num_gpus": 1, "num_cpus": 2})
     assert actor_layout(gpu_nodes[:1], None, None) == (2, 2, {"num_gpus": 1, "num_cpus": 8})
+
+
+def test_transient_failures_are_retried_by_the_next_ray_run(weights, tmp_path):
+    """The same rules under --ray: the actors retry reads, the next run scans the ids whose final record
+    is transient, and merge writes one final record per id."""
+    from scanner.prepare import DecodeOptions
+    from scanner.retry import RetryPolicy
+    from tests.flaky_http import FlakyServer
+
+    files = {f"/{i}.jpg": encode(gradient(50 + 7 * i, 60), "JPEG") for i in range(6)}
+    files["/dead.jpg"] = encode(gradient(70, 70), "JPEG")
+    script = {"/0.jpg": ["503"] * 3, "/1.jpg": ["drop"] * 3, "/2.jpg": [("stall", 20)] * 2, "/3.jpg": ["429"] * 3,
+              "/4.jpg": ["503"], "/dead.jpg": [("always", "500")]}
+    with FlakyServer(files, script) as server:
+        urls = [server.url(f"/{i}.jpg") for i in range(6)] + [server.url("/dead.jpg"), server.url("/gone.jpg")]
+        listing = tmp_path / "urls.txt"
+        listing.write_text("\n".join(urls) + "\n")
+        out = tmp_path / "out"
+
+        def run(retries: int):
+            options = ScanOptions(batch_size=4, decode=DecodeOptions(retry=RetryPolicy(retries=retries, read_timeout=0.5)))
+            return dist([], weights, out, from_list=str(listing), options=options)
+
+        first = run(retries=1)  # 0-3 and dead.jpg fail for this run; 4.jpg's one 503 is retried
+        assert (first.scanned, first.transient, first.errors_by_kind) == (8, 5, {"io": 5, "not_found": 1})
+        second = run(retries=4)
+        assert (second.scanned, second.retried, second.skipped_done, second.transient) == (5, 5, 3, 1)
+        assert second.output == {"ids": 8, "scored": 6, "errors": 2, "errors_by_kind": {"io": 1, "not_found": 1},
+                                 "transient": 1}
+        assert server.requests["/gone.jpg"] == 1
+    summary = merge_parts(out, tmp_path / "merged.jsonl")
+    merged = {r["id"]: r for r in iter_records(tmp_path / "merged.jsonl")}
+    assert (summary.records, summary.superseded) == (8, 5) and set(merged) == set(urls)
+    assert all(merged[u]["score"] is not None for u in urls[:6])
+    assert merged[urls[6]]["error"]["kind"] == "io" and merged[urls[7]]["error"]["kind"] == "not_found"

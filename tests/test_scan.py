@@ -73,7 +73,7 @@ def make_tree(root: Path) -> dict[str, object]:
         path.write_bytes(data)
         expected[rel] = kind
     (root / "c" / "dangling.jpg").symlink_to(root / "nowhere.jpg")  # unreadable, also for root
-    expected["c/dangling.jpg"] = "io"
+    expected["c/dangling.jpg"] = "not_found"
     (root / "b" / "loop").symlink_to("..", target_is_directory=True)  # directory loop: not followed
     (root / "c" / "self.jpg").symlink_to("self.jpg")  # link to itself: ELOOP on read
     expected["c/self.jpg"] = "io"

@@ -392,7 +392,7 @@ def test_truncated_zip_is_one_error_item(tmp_path):
     assert items[0].error[0] == "archive" and items[0].error[1].startswith("cannot open archive: ")
 
 
-def test_unreadable_archive_is_one_io_item(tmp_path):
+def test_missing_archive_is_one_not_found_item(tmp_path):
     items = list(iter_tar(str(tmp_path / "gone.tar"), "gone.tar", 100)) + list(
         iter_zip(str(tmp_path / "gone.zip"), "gone.zip", 100))
-    assert [(item.id, item.error[0]) for item in items] == [("gone.tar::", "io"), ("gone.zip::", "io")]
+    assert [(item.id, item.error[0]) for item in items] == [("gone.tar::", "not_found"), ("gone.zip::", "not_found")]

@@ -114,8 +114,8 @@ def _check_list_items(items, tree, expected) -> None:
     assert _ids(items) == expected
     missing = items[3]
     assert missing.path == str(tree / "gone.jpg")
-    assert missing.error == ("io", "no such file or directory")
-    assert items[8].error == ("io", "no such file or directory")  # " #not a comment" is a (missing) path
+    assert missing.error == ("not_found", "no such file or directory")
+    assert items[8].error == ("not_found", "no such file or directory")  # " #not a comment" is a (missing) path
     good = [item for item in items if item.error is None]
     assert len(good) == 8 and all(read_item(item) == JPEG for item in good)
 
@@ -183,7 +183,7 @@ def test_brace_inputs(tmp_path):
     items = list(iter_sources([f"{tmp_path}/shard-{{0000..0002}}.tar", literal]))
     assert _ids(items) == [f"{tmp_path}/shard-0000.tar::a.jpg", f"{tmp_path}/shard-0001.tar",
                            f"{tmp_path}/shard-0002.tar::a.jpg", literal]
-    assert items[1].error == ("io", "no such file or directory")  # a generated name: not fatal
+    assert items[1].error == ("not_found", "no such file or directory")  # a generated name: not fatal
 
 
 # ------------------------------------------------------------------------------------ bounded memory
@@ -206,5 +206,5 @@ def test_a_million_entries_stream_in_bounded_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert count == 1_000_000
-    assert last.id == "/nonexistent-scanner-test/0999999.jpg" and last.error[0] == "io"
+    assert last.id == "/nonexistent-scanner-test/0999999.jpg" and last.error[0] == "not_found"
     assert peak < 10 * 2**20

@@ -103,7 +103,7 @@ def test_memory_archives_and_brace_patterns(bucket):
                            f"{bucket}/pack.zip::in.jpg"]
     assert [items[i].data for i in (0, 2, 4)] == [JPEG, PNG, JPEG]
     assert read_item(items[1]) is None
-    assert items[3].error[0] == "io" and items[3].error[1].startswith("cannot open archive: ")
+    assert items[3].error[0] == "not_found" and items[3].error[1].startswith("cannot open archive: ")
 
 
 def test_memory_single_file_and_missing_file(bucket):
@@ -113,7 +113,7 @@ def test_memory_single_file_and_missing_file(bucket):
     assert read_item(items[0]) == JPEG
     with pytest.raises(ItemError) as exc:
         read_item(items[1])
-    assert exc.value.kind == "io" and str(exc.value).startswith("cannot read URL: ")
+    assert exc.value.kind == "not_found" and str(exc.value).startswith("cannot read URL: ")
 
 
 def test_read_url_limit(bucket):
@@ -129,7 +129,7 @@ def test_remote_list_entries(bucket, tmp_path):
     listing.write_text(f"{bucket}/b.jpg\n{bucket}/a\nnope://x/y.jpg\n")
     items = list(iter_sources([], from_list=str(listing)))
     assert _ids(items) == [f"{bucket}/b.jpg", f"{bucket}/a/notes.txt", f"{bucket}/a/z.png", "nope://x/y.jpg"]
-    assert items[-1].error[0] == "io"  # a bad entry in a list does not stop the scan
+    assert items[-1].error[0] == "not_found"  # a bad entry in a list does not stop the scan
 
 
 def test_unknown_scheme_and_missing_fsspec_are_user_errors(monkeypatch):
@@ -172,7 +172,7 @@ def test_http_files(http_root):
     assert read_item(items[0]) == big
     with pytest.raises(ItemError) as exc:
         read_item(items[1])
-    assert exc.value.kind == "io"
+    assert exc.value.kind == "not_found"  # 404: permanent
     assert read_item(items[2]) is None
 
 
@@ -184,7 +184,7 @@ def test_http_archives_are_streamed(http_root):
     assert _ids(items) == [f"{base}/shard-0.tar.gz::x.jpg", f"{base}/shard-0.tar.gz::x.txt",
                            f"{base}/shard-1.tar.gz::y.png", f"{base}/shard-9.tar.gz::"]
     assert [read_item(item) for item in items[:3]] == [JPEG, None, PNG]
-    assert items[3].error[0] == "io"  # 404
+    assert items[3].error[0] == "not_found"  # 404
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import pytest
 
 from scanner.errors import LockedError, ScannerError
 from scanner.results import dumps, error_record, result_record
-from scanner.store import OutputLock, ResultStore, iter_records, read_done_ids
+from scanner.store import OutputLock, ResultStore, iter_records, read_resume_state
 
 
 def holds(done, ids) -> bool:
@@ -48,7 +48,7 @@ def test_torn_last_line_is_dropped(tmp_path):
     out = tmp_path / "r.jsonl"
     whole = dumps(rec(0)) + "\n" + dumps(rec(1)) + "\n"
     out.write_text(whole + dumps(rec(2))[:25])  # the process died while this line was being written
-    assert holds(read_done_ids(str(out), "m@1"), ["img/0.jpg", "img/1.jpg"])
+    assert holds(read_resume_state(str(out), "m@1").done, ["img/0.jpg", "img/1.jpg"])
     assert out.read_text() == whole  # truncated to the last whole line, so appends start clean
     with ResultStore(out, model_id="m@1") as store:
         store.write([rec(2)])

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from scanner.errors import ScannerError
+from scanner.retry import RetryPolicy
 from scanner.sources.archives import archive_kind, iter_tar, iter_zip
 from scanner.sources.directory import iter_directory
 from scanner.sources.item import MAX_ITEM_BYTES, Item, read_item
@@ -38,7 +39,7 @@ _EXPECTED = "pass image files, directories, tar/zip archives, URLs, or --from-li
 def _validate_input(entry: str) -> None:
     """Raise ScannerError for an input that cannot be scanned at all (before anything is read).
 
-    Brace patterns are generated lists: their missing members become `io` items, like list entries.
+    Brace patterns are generated lists: their missing members become `not_found` items, like list entries.
     """
     if has_braces(entry) and (is_url(entry) or not os.path.lexists(entry)):
         if is_url(entry) and file_url_path(entry) is None:
@@ -61,27 +62,28 @@ def _validate_list(from_list: str) -> None:
                            f"line, or - for stdin")
 
 
-def iter_sources(inputs: Sequence[str], from_list: str | None = None,
-                 max_bytes: int = MAX_ITEM_BYTES) -> Iterator[Item]:
+def iter_sources(inputs: Sequence[str], from_list: str | None = None, max_bytes: int = MAX_ITEM_BYTES,
+                 retry: RetryPolicy | None = None) -> Iterator[Item]:
     """Every item of `inputs` in order, then of the list file `from_list` (`-` = stdin).
 
     Validation is eager: a missing local input (or list file, or an unusable URL scheme) raises
     ScannerError here, before any item is produced. Everything else is lazy: the returned generator
     lists directories, expands brace patterns and reads archives and the list as it is consumed.
+    `retry` applies to the reads done while listing (bucket prefixes, remote archives).
     """
     for entry in inputs:
         _validate_input(entry)
     if from_list is not None:
         _validate_list(from_list)
-    return _chain(list(inputs), from_list, max_bytes)
+    return _chain(list(inputs), from_list, max_bytes, retry)
 
 
-def _chain(inputs: list[str], from_list: str | None, max_bytes: int) -> Iterator[Item]:
+def _chain(inputs: list[str], from_list: str | None, max_bytes: int, retry: RetryPolicy | None) -> Iterator[Item]:
     for entry in inputs:
         for expanded in expand_input(entry):
-            yield from iter_input(expanded, max_bytes)
+            yield from iter_input(expanded, max_bytes, retry)
     if from_list is not None:
-        yield from iter_list(from_list, max_bytes)
+        yield from iter_list(from_list, max_bytes, retry)
 
 
 def expected_total(inputs: Sequence[str], from_list: str | None) -> int | None:

@@ -12,6 +12,9 @@ What becomes what:
 - a zip member that inflates more than MAX_COMPRESSION_RATIO times -> an `archive` error item;
 - a tar that ends in damage -> the members before it, then one `archive` error item with id
   `f"{archive_id}::"`; an archive that cannot be opened -> that one error item alone.
+- a read that fails (the disk, or the network through a ReopeningReader once its retries are spent)
+  is not damage: the error item gets the read's kind, `io` (transient: the next run reads the
+  archive again and scans the members not yet done) or `not_found`, instead of `archive`.
 Iteration never raises for a damaged or hostile archive.
 """
 
@@ -24,6 +27,8 @@ import zipfile
 from collections.abc import Iterator
 from typing import BinaryIO, Union
 
+from scanner.errors import ItemError
+from scanner.retry import NOT_FOUND, classify, describe
 from scanner.sources.item import MAX_ITEM_BYTES, Item
 
 Source = Union[str, "os.PathLike[str]", BinaryIO]
@@ -88,6 +93,22 @@ def _error_item(archive_id: str, kind: str, message: str) -> Item:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """The record kind of an exception raised while reading an archive: a failed read (an ItemError
+    of a ReopeningReader, an OSError of the disk) keeps its kind; anything else is damage."""
+    if isinstance(exc, ItemError):
+        return exc.kind
+    if isinstance(exc, OSError) and exc.errno is not None:  # gzip's BadGzipFile is an OSError without errno
+        return "not_found" if classify(exc) == NOT_FOUND else "io"
+    return "archive"
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, ItemError):
+        return str(exc)
+    return describe(exc) if isinstance(exc, OSError) else _describe(exc)
 
 
 class _UniqueIds:
@@ -204,7 +225,7 @@ def iter_tar(source: Source, archive_id: str, max_bytes: int = MAX_ITEM_BYTES) -
     try:
         fileobj, owned = _open_source(source)
     except OSError as exc:
-        yield _error_item(archive_id, "io", f"cannot open archive: {exc.strerror or exc}")
+        yield _error_item(archive_id, _failure_kind(exc), f"cannot open archive: {_failure_reason(exc)}")
         return
     try:
         yield from _iter_tar_stream(fileobj, archive_id, max_bytes)
@@ -218,10 +239,11 @@ def _iter_tar_stream(fileobj: BinaryIO, archive_id: str, max_bytes: int) -> Iter
     try:
         tf = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=watched)
     except _DAMAGE as exc:
-        yield _error_item(archive_id, "archive", f"cannot open archive: {_describe(exc)}")
+        yield _error_item(archive_id, _failure_kind(exc), f"cannot open archive: {_failure_reason(exc)}")
         return
     unique = _UniqueIds(archive_id)
     done = 0  # members fully read
+    kind = "archive"
     with tf:
         while True:
             current = None
@@ -236,13 +258,15 @@ def _iter_tar_stream(fileobj: BinaryIO, archive_id: str, max_bytes: int) -> Iter
                 item = None if info.isdir() else _tar_member_item(tf, info, unique(info.name), max_bytes)
             except _DAMAGE as exc:
                 where = f"member {current!r}: " if current is not None else ""
-                problem = where + _describe(exc)
+                problem = where + _failure_reason(exc)
+                kind = _failure_kind(exc)
                 break
             done += 1
             if item is not None:
                 yield item
     if problem is not None:
-        yield _error_item(archive_id, "archive", f"truncated or corrupt archive after member {done}: {problem}")
+        what = "truncated or corrupt archive" if kind == "archive" else "archive read failed"
+        yield _error_item(archive_id, kind, f"{what} after member {done}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------- zip
@@ -274,7 +298,9 @@ def _zip_member_item(zf: zipfile.ZipFile, info: zipfile.ZipInfo, item_id: str, m
         with zf.open(info) as fh:
             data = fh.read(max_bytes + 1)  # the header sizes are checked above but never trusted
     except _DAMAGE as exc:
-        return Item(item_id, error=("archive", f"corrupt member: {_describe(exc)}"))
+        kind = _failure_kind(exc)
+        what = "corrupt member" if kind == "archive" else "cannot read member"
+        return Item(item_id, error=(kind, f"{what}: {_failure_reason(exc)}"))
     if len(data) > max_bytes:
         return Item(item_id, error=("too_large", f"member is more than the limit of {max_bytes} bytes"))
     return Item(item_id, data=data)
@@ -288,11 +314,8 @@ def iter_zip(source: Source, archive_id: str, max_bytes: int = MAX_ITEM_BYTES) -
     """
     try:
         zf = zipfile.ZipFile(source)
-    except OSError as exc:
-        yield _error_item(archive_id, "io", f"cannot open archive: {exc.strerror or exc}")
-        return
-    except _DAMAGE as exc:
-        yield _error_item(archive_id, "archive", f"cannot open archive: {_describe(exc)}")
+    except _DAMAGE as exc:  # OSError from the disk, ItemError from a ReopeningReader, or damage
+        yield _error_item(archive_id, _failure_kind(exc), f"cannot open archive: {_failure_reason(exc)}")
         return
     unique = _UniqueIds(archive_id)
     with zf:

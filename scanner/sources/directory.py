@@ -59,11 +59,16 @@ def _special_kind(path: str) -> str:
     return "special file"
 
 
+def _dir_id(path: str) -> str:
+    return path if path.endswith("/") else path + "/"
+
+
 def iter_directory(root) -> Iterator[Item]:
     """Every non-hidden file under `root`, depth-first, sorted by name within each directory.
 
     Lazy: only the listings of the directories on the current path are held. Unreadable directories
-    yield an Item with error ("io", ...); FIFOs, sockets and devices yield error ("not_image", ...)
+    yield an Item with error ("io", ...) whose id is the directory's path and a `/` (so that a later
+    record of a file in it supersedes that error, scanner.final_view); FIFOs, sockets and devices yield error ("not_image", ...)
     (they are never opened: a FIFO would block). Symlinks to directories are skipped.
     """
     root = os.fspath(root)
@@ -74,7 +79,7 @@ def iter_directory(root) -> Iterator[Item]:
     try:
         stack: list[tuple[str, Iterator[os.DirEntry]]] = [(root, iter(_entries(root)))]
     except OSError as exc:
-        yield Item(root, path=root, error=("io", f"cannot list directory: {exc.strerror or exc}"))
+        yield Item(_dir_id(root), path=root, error=("io", f"cannot list directory: {exc.strerror or exc}"))
         return
     while stack:
         _, entries = stack[-1]
@@ -88,7 +93,7 @@ def iter_directory(root) -> Iterator[Item]:
             try:
                 listing = _entries(path)
             except OSError as exc:
-                yield Item(path, path=path, error=("io", f"cannot list directory: {exc.strerror or exc}"))
+                yield Item(_dir_id(path), path=path, error=("io", f"cannot list directory: {exc.strerror or exc}"))
                 continue
             stack.append((path, iter(listing)))
         elif kind == "file":

@@ -4,8 +4,8 @@ An input is a directory (walked), a local archive (its members), another local f
 URL (scanner.sources.remote). A list file (`--from-list FILE`, `-` for stdin) holds one input per line:
 only the line ending (`\\n` or `\\r\\n`) is stripped, so names may start or end with spaces; blank
 (empty or whitespace-only) lines and lines starting with `#` are skipped (write `./#name` for a file
-whose name starts with `#`). Entries are dispatched like inputs, except that a missing path becomes an
-`io` error item instead of stopping the scan.
+whose name starts with `#`). Entries are dispatched like inputs, except that a missing path becomes a
+`not_found` error item instead of stopping the scan.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable, Iterator
 
 from scanner.errors import ScannerError
+from scanner.retry import NOT_FOUND, RetryPolicy, classify, describe
 from scanner.sources.archives import ARCHIVE_HEAD_BYTES, archive_kind, iter_archive
 from scanner.sources.directory import iter_directory
 from scanner.sources.item import MAX_ITEM_BYTES, Item
@@ -30,25 +31,25 @@ _BLOCK_CHARS = 1 << 16  # ~1,500 lines of a list at a time
 # ----------------------------------------------------------------------------------- one input
 
 
-def iter_input(entry: str, max_bytes: int = MAX_ITEM_BYTES) -> Iterator[Item]:
-    """The items of one input or list entry (see module docstring); a missing path -> an `io` item."""
-    found = dispatch(entry, max_bytes)
+def iter_input(entry: str, max_bytes: int = MAX_ITEM_BYTES, retry: RetryPolicy | None = None) -> Iterator[Item]:
+    """The items of one input or list entry (see module docstring); a missing path -> a `not_found` item."""
+    found = dispatch(entry, max_bytes, retry)
     if isinstance(found, Item):
         yield found
     else:
         yield from found
 
 
-def dispatch(entry: str, max_bytes: int = MAX_ITEM_BYTES) -> Item | Iterator[Item]:
+def dispatch(entry: str, max_bytes: int = MAX_ITEM_BYTES, retry: RetryPolicy | None = None) -> Item | Iterator[Item]:
     """Like iter_input, but a single item (a plain or missing file: the common case of a long list) is
     returned as such rather than through a generator, which halves the cost of listing a million files."""
     if "://" in entry and is_url(entry):
         try:
             local = file_url_path(entry)
         except ScannerError as exc:  # file://otherhost/...
-            return Item(entry, url=entry, error=("io", str(exc)))
+            return Item(entry, url=entry, error=("not_found", str(exc)))
         if local is None:
-            return iter_url(entry, max_bytes)
+            return iter_url(entry, max_bytes, retry)
         entry = local
     return _dispatch_local(entry, max_bytes)
 
@@ -57,13 +58,14 @@ def _dispatch_local(path: str, max_bytes: int) -> Item | Iterator[Item]:
     if not os.access(path, os.F_OK):
         # Answered without raising: on a long list of stale paths, building a FileNotFoundError for each
         # costs more than this extra system call costs on a list of existing files.
-        return Item(path, path=path, error=("io", "no such file or directory"))
+        return Item(path, path=path, error=("not_found", "no such file or directory"))
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:  # removed in between
-        return Item(path, path=path, error=("io", "no such file or directory"))
+        return Item(path, path=path, error=("not_found", "no such file or directory"))
     except OSError as exc:  # permission on a parent, symlink loop, name too long
-        return Item(path, path=path, error=("io", f"cannot read file: {exc.strerror or exc}"))
+        kind = "not_found" if classify(exc) == NOT_FOUND else "io"
+        return Item(path, path=path, error=(kind, f"cannot read file: {describe(exc)}"))
     if stat.S_ISDIR(mode):
         return iter_directory(path)
     kind = local_archive_kind(path) if stat.S_ISREG(mode) else None  # never open a FIFO to sniff it
@@ -147,10 +149,10 @@ def iter_list_entries(file_or_dash: str) -> Iterator[str]:
             yield entry
 
 
-def iter_list(file_or_dash: str, max_bytes: int = MAX_ITEM_BYTES) -> Iterator[Item]:
+def iter_list(file_or_dash: str, max_bytes: int = MAX_ITEM_BYTES, retry: RetryPolicy | None = None) -> Iterator[Item]:
     """The items of every entry of a list file (`-` = stdin), lazily and in order."""
     for entry in iter_list_entries(file_or_dash):
-        found = dispatch(entry, max_bytes)
+        found = dispatch(entry, max_bytes, retry)
         if isinstance(found, Item):
             yield found
         else:
