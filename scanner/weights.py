@@ -21,9 +21,10 @@ FORMAT = "scanner-detector/1"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # name -> (file in WEIGHTS_DIR, what it is for); the model card (weights/README.md) has the figures.
 SHIPPED: dict[str, tuple[str, str]] = {
+    "clip_b16": ("clip_b16.safetensors", "CLIP ViT-B/16 trunk: the best on generators it never saw"),
     "lite0": ("lite0.safetensors", "EfficientNet-Lite0 trunk: several times faster on a CPU, far weaker on unseen generators"),
 }
-DEFAULT_MODEL = "lite0"
+DEFAULT_MODEL = "clip_b16"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / SHIPPED[DEFAULT_MODEL][0]
 
 
