@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scanner.scan import ScanOptions, default_workers, scan  # noqa: E402
+from scanner.model.weights import load_detector  # noqa: E402
+from scanner.scan.pipeline import ScanOptions, default_workers, scan  # noqa: E402
 from scanner.sources import iter_sources  # noqa: E402
-from scanner.weights import load_detector  # noqa: E402
 
 
 def pick_images(data: str, n: int) -> list[str]:

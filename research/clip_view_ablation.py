@@ -1,6 +1,6 @@
 """Do the PSM patches add to the CLIP detector's global view? Leave-one-out on cached tokens (issue 20).
 
-    python bench/clip_view_ablation.py --config configs/clip_b16.yaml --token-cache runs/tokens \
+    python research/clip_view_ablation.py --config configs/clip_b16.yaml --token-cache runs/tokens \
         --data DATA_DIR/dev DATA_DIR/extra DATA_DIR/photoreal --json docs/clip_view_ablation.json
 
 The same recipe and folds as `scanner eval --leave-one-out --token-cache`, trained on the clean
@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from scanner.cached_loo import _sigmoid, open_cache
     from scanner.config import load_config
-    from scanner.data import find_samples, split_by_source
-    from scanner.evaluate import per_source_ap
-    from scanner.leave_one_out import fold_plan
-    from scanner.token_training import logits_of, train_on_tokens
+    from scanner.training.cached_loo import _sigmoid, open_cache
+    from scanner.training.data import find_samples, split_by_source
+    from scanner.training.evaluate import per_source_ap
+    from scanner.training.leave_one_out import fold_plan
+    from scanner.training.token_training import logits_of, train_on_tokens
 
     cfg = load_config(args.config)
     if args.epochs:

@@ -1,6 +1,6 @@
 """Where a trained detector loses a held-out generator: probes before and after its embedding (issue 7).
 
-    python bench/embedding_probe.py --data ../shared/data/dev --model runs/loo_mid_b4/stylegan2/last.safetensors \
+    python research/embedding_probe.py --data ../shared/data/dev --model runs/loo_mid_b4/stylegan2/last.safetensors \
         --generator stylegan2
 
 For a leave-one-out fold's weights, scores the held-out generator (mean AP over its sources, each
@@ -34,7 +34,7 @@ def run_model(model, samples, with_logits: bool, batch: int = 32):
     """(trunk features (N, C), embeddings (N, D), detector logits (N,) or None)."""
     import torch
 
-    from scanner.preprocess import global_views
+    from scanner.model.preprocess import global_views
 
     trunk, embed, logits = [], [], []
     for start in range(0, len(samples), batch):
@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regressions")
     args = parser.parse_args(argv)
 
-    from bench.feature_probe import fit_probe, held_out_ap
-    from scanner.data import find_samples, split_by_source
-    from scanner.leave_one_out import generators_of
-    from scanner.weights import load_detector
+    from research.feature_probe import fit_probe, held_out_ap
+    from scanner.model.weights import load_detector
+    from scanner.training.data import find_samples, split_by_source
+    from scanner.training.leave_one_out import generators_of
 
     model, _ = load_detector(args.model)
     samples = find_samples(args.data)

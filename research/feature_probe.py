@@ -1,6 +1,6 @@
 """Leave-one-generator-out linear probes on frozen ImageNet EfficientNet-Lite0 features (issue 7).
 
-    python bench/feature_probe.py --data ../shared/data/dev --work runs/probe --json docs/feature_probe_lite0.json
+    python research/feature_probe.py --data ../shared/data/dev --work runs/probe --json docs/feature_probe_lite0.json
 
 Asks what the backbone's features can tell apart on a generator never seen, before any training
 recipe is tried: each image's global view (224x224, bilinear) goes through the pretrained Lite0 once
@@ -34,8 +34,8 @@ def extract(samples, condition: str, batch: int = 64) -> dict[str, np.ndarray]:
     import torch
     from PIL import Image
 
-    from scanner.backbones import load_lite0_imagenet
-    from scanner.data import jpeg_compress
+    from scanner.model.backbones import load_lite0_imagenet
+    from scanner.training.data import jpeg_compress
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, global_pool="")
     load_lite0_imagenet(net)
@@ -93,13 +93,13 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float):
 
 def held_out_ap(held, scores: np.ndarray, sources) -> float:
     """Mean AP over the held-out generator's sources (each against the held-out reals)."""
-    from scanner.evaluate import per_source_ap
+    from scanner.training.evaluate import per_source_ap
 
     return float(np.mean([ap for src, ap in per_source_ap(held, scores).items() if src in sources and ap is not None]))
 
 
 def probe(samples, feats: dict, generators: dict, depth: list[str], augment: bool, c: float) -> dict:
-    from scanner.data import split_by_source
+    from scanner.training.data import split_by_source
 
     index = {s.path: i for i, s in enumerate(samples)}
     labels = np.array([s.label for s in samples])
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    from scanner.data import find_samples
-    from scanner.leave_one_out import generators_of
+    from scanner.training.data import find_samples
+    from scanner.training.leave_one_out import generators_of
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

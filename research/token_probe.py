@@ -1,12 +1,12 @@
 """Fast leave-one-generator-out screen of the trained layers on a frozen trunk (issue 7).
 
-    python bench/token_probe.py --data ../shared/data/dev --config configs/experiments/mid_b4.yaml \
+    python research/token_probe.py --data ../shared/data/dev --config configs/experiments/mid_b4.yaml \
         --work runs/probe --json docs/token_probe_mid_b4.json
 
 When the whole trunk is frozen (the block-4 config), what the detector's trained layers read is
 fixed per image: the pooled trunk features of its global view and of its K PSM patches (PSM picks
 its boxes from the frozen global map, so they are fixed too). This script computes those K+1 tokens
-once per image and condition (clean, JPEG q75, 0.5x downscale: scanner.leave_one_out's), cached in
+once per image and condition (clean, JPEG q75, 0.5x downscale: scanner.training.leave_one_out's), cached in
 --work, and then trains only embed + AFFM + head on them, in seconds instead of the 75 minutes of a
 full `scanner eval --leave-one-out` run. Splits, subsampling (--max-train-images 1200 of the training
 split, --max-images-per-source 100 of the held-out one), optimiser and epochs follow that command.
@@ -35,9 +35,9 @@ def extract_tokens(model, samples, transform, batch: int = 16) -> np.ndarray:
     import torch
     from torch.utils.data import DataLoader
 
-    from scanner.crop_resize import crop_patches
-    from scanner.data import ImageDataset, collate
-    from scanner.preprocess import global_views, image_sizes
+    from scanner.model.crop_resize import crop_patches
+    from scanner.model.preprocess import global_views, image_sizes
+    from scanner.training.data import ImageDataset, collate
 
     out = np.zeros((len(samples), model.selector.count + 1, model.backbone.channels), np.float32)
     loader = DataLoader(ImageDataset(samples, transform=transform), batch_size=batch, collate_fn=collate)
@@ -76,14 +76,14 @@ def train_head(cfg, variant: Variant, x: np.ndarray, y: np.ndarray, epochs: int,
 
     import torch
 
-    from bench.feature_probe import fit_probe
-    from scanner.model import Detector
+    from research.feature_probe import fit_probe
+    from scanner.model.detector import Detector
 
     if variant.linear_probe:
         pool = (lambda z: z[:, -1]) if variant.linear_probe == "global" else (lambda z: z.mean(1))
         scorer = fit_probe(pool(x), y, 0.1)
         return lambda z: scorer(pool(z))
-    # Seeded as scanner.train seeds it, so embed/AFFM/head start from the real run's initialisation.
+    # Seeded as scanner.training.train seeds it, so embed/AFFM/head start from the real run's initialisation.
     torch.manual_seed(seed)
     mcfg = dataclasses.replace(cfg.model, embed_dim=variant.embed_dim or cfg.model.embed_dim, pretrained=False)
     det = Detector(mcfg, seed=seed)
@@ -180,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
 
-    from bench.feature_probe import cached_features, held_out_ap
+    from research.feature_probe import cached_features, held_out_ap
     from scanner.config import load_config
-    from scanner.data import find_samples, split_by_source
-    from scanner.evaluate import _subsample as per_source_subsample
-    from scanner.leave_one_out import CONDITIONS, generators_of
-    from scanner.model import Detector
-    from scanner.train import _subsample, freeze
+    from scanner.model.detector import Detector
+    from scanner.training.data import find_samples, split_by_source
+    from scanner.training.evaluate import _subsample as per_source_subsample
+    from scanner.training.leave_one_out import CONDITIONS, generators_of
+    from scanner.training.train import _subsample, freeze
 
     cfg = load_config(args.config)
     model = Detector(cfg.model, seed=cfg.train.seed)

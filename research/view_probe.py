@@ -1,6 +1,6 @@
 """Which views keep the mid-level cue: linear probes on block-4 features per view (issue 7).
 
-    python bench/view_probe.py --data ../shared/data/dev --work runs/probe
+    python research/view_probe.py --data ../shared/data/dev --work runs/probe
 
 The detector sees each image three ways: the global view (the whole image resized to 224), 224-pixel
 patches and 112-pixel patches resized up to 224. This probe takes the frozen ImageNet Lite0 trunk cut
@@ -34,9 +34,9 @@ def extract(samples, batch: int = 64) -> dict[str, np.ndarray]:
     import torch
     from PIL import Image
 
-    from scanner.backbones import build_backbone
     from scanner.config import ModelConfig
-    from scanner.preprocess import global_views
+    from scanner.model.backbones import build_backbone
+    from scanner.model.preprocess import global_views
 
     trunk = build_backbone(ModelConfig(backbone="efficientnet_lite0", trunk_blocks=5)).eval()
     feats: dict[str, list] = {view: [] for view in VIEWS}
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
     args = parser.parse_args(argv)
 
-    from bench.feature_probe import cached_features, fit_probe, held_out_ap
-    from scanner.data import find_samples, split_by_source
-    from scanner.leave_one_out import generators_of
+    from research.feature_probe import cached_features, fit_probe, held_out_ap
+    from scanner.training.data import find_samples, split_by_source
+    from scanner.training.leave_one_out import generators_of
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

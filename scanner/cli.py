@@ -19,7 +19,7 @@ def _console():
 
 
 def _threads(n: int | None) -> None:
-    from scanner.scan import set_threads
+    from scanner.scan.pipeline import set_threads
 
     set_threads(n)
 
@@ -77,7 +77,7 @@ def _kinds(errors_by_kind: dict) -> str:
 
 def _summary_line(summary, model_id: str, out) -> str:
     """The run's one summary line: this run's records, then the output's final view (each id's last
-    record, scanner.final_view) when earlier runs left records in it."""
+    record, scanner.scan.final_view) when earlier runs left records in it."""
     kinds = _kinds(summary.errors_by_kind)
     retried = f", {summary.retried} of them retried after transient errors" if summary.retried else ""
     line = (f"scanned {summary.scanned} files{retried} ({summary.errors} errors{': ' + kinds if kinds else ''}), "
@@ -159,12 +159,12 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
     import threading
 
     from scanner.backends import load_backend
+    from scanner.decoding.loaders import resolve_loader
     from scanner.errors import ScannerError
-    from scanner.loaders import resolve_loader
-    from scanner.preflight import check_optional_packages
-    from scanner.prepare import DecodeOptions
-    from scanner.retry import RetryPolicy
-    from scanner.scan import ScanOptions, scan
+    from scanner.scan.pipeline import ScanOptions, scan
+    from scanner.scan.preflight import check_optional_packages
+    from scanner.scan.prepare import DecodeOptions
+    from scanner.sources.retry import RetryPolicy
 
     if ray_address is not None:
         inputs, ray_address = _ray_inputs(inputs, ray_address)
@@ -199,7 +199,7 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if ray_address is not None:
-            from scanner.distributed import scan_ray
+            from scanner.distributed.ray_scan import scan_ray
 
             summary = scan_ray(list(inputs), out, from_list=from_list, address=ray_address, model_path=model_path,
                                backend=backend, engines_dir=engines_dir, options=options, threads=threads,
@@ -257,10 +257,10 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
     import json
     import tempfile
 
-    from scanner.bench import BenchOptions, print_report, run_bench, untrained_model
-    from scanner.bench_inputs import folder_images, generate_images, parse_sizes
+    from scanner.bench.harness import BenchOptions, print_report, run_bench, untrained_model
+    from scanner.bench.inputs import folder_images, generate_images, parse_sizes
+    from scanner.decoding.loaders import resolve_loader
     from scanner.errors import ScannerError
-    from scanner.loaders import resolve_loader
 
     if quick:
         generate, sizes, batch_sizes, rounds = (generate or 12), "320x240,200x200", "4", 1
@@ -301,7 +301,7 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
 def merge(out_dir, out, fmt):
     """Merge the parts of a distributed scan (`scanner run --ray ... --out OUT_DIR`) into one file, each id
     once (its last record: a rerun's record supersedes an earlier transient error), streamed."""
-    from scanner.parts import merge_parts
+    from scanner.distributed.parts import merge_parts
 
     summary = merge_parts(out_dir, out, fmt)
     dropped = f"; dropped {summary.superseded} superseded records" if summary.superseded else ""
@@ -331,7 +331,7 @@ def train(data_dir, config_path, out_dir, name, epochs, val_sources, max_val_ima
     """Train the detector (BCE, Adam 1e-4, blur/JPEG augmentation) with validation and resume, or, with
     --token-cache, its embedding, AFFM and head on cached trunk outputs."""
     from scanner.config import load_config
-    from scanner.train import train as run_training
+    from scanner.training.train import train as run_training
 
     overrides: dict = {"train": {}}
     if epochs is not None:
@@ -343,7 +343,7 @@ def train(data_dir, config_path, out_dir, name, epochs, val_sources, max_val_ima
     if cache_dir is not None:
         import json
 
-        from scanner.token_training import train_from_cache
+        from scanner.training.token_training import train_from_cache
 
         report = json.loads(calibration.read_text()) if calibration is not None else None
         if report is not None and "calibration" not in report:
@@ -402,8 +402,8 @@ def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, h
              generators, epochs, max_train_images, seed, max_images_per_source, cache_dir, max_fpr, bf16):
     """AP per source, mAP per family, total mAP, global AP and accuracy on labelled folders; with
     --leave-one-out, AP on each generator by a model trained without it."""
-    from scanner.evaluate import evaluate, format_markdown
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
+    from scanner.training.evaluate import evaluate, format_markdown
 
     _threads(threads)
     if cache_dir is not None:
@@ -421,7 +421,7 @@ def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, h
     samples = None
     if holdout_config is not None:
         from scanner.config import load_config
-        from scanner.data import find_samples, split_by_source
+        from scanner.training.data import find_samples, split_by_source
 
         tc = load_config(holdout_config).train
         _, samples = split_by_source(find_samples(data_dir), tuple(tc.val_sources), tc.real_only_val_share, tc.seed)
@@ -434,8 +434,8 @@ def eval_cmd(data_dir, model_path, out_dir, threshold, robustness, batch_size, h
 def _cached_leave_one_out(data_dirs, out_dir, config_path, cache_dir, folds, epochs, seed, max_fpr, bf16):
     import dataclasses
 
-    from scanner.cached_loo import cached_leave_one_out, format_markdown
     from scanner.config import load_config
+    from scanner.training.cached_loo import cached_leave_one_out, format_markdown
 
     cfg = load_config(config_path)
     changes = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
@@ -450,7 +450,7 @@ def _leave_one_out(data_dir, out_dir, config_path, generators, epochs, max_train
     import dataclasses
 
     from scanner.config import load_config
-    from scanner.leave_one_out import format_markdown, leave_one_out
+    from scanner.training.leave_one_out import format_markdown, leave_one_out
 
     cfg = load_config(config_path)
     changes = {k: v for k, v in (("epochs", epochs), ("max_train_images", max_train_images), ("seed", seed))
@@ -475,8 +475,8 @@ def _leave_one_out(data_dir, out_dir, config_path, generators, epochs, max_train
               help="Check ONNX Runtime against PyTorch on random inputs and print the parity report.")
 def export_cmd(model_path, out_dir, opset, exporter, verify):
     """Export the detector as two ONNX graphs (global; local+fuser) for onnxruntime and TensorRT."""
-    from scanner.export import export_onnx, verify_onnx
-    from scanner.weights import load_detector
+    from scanner.backends.export import export_onnx, verify_onnx
+    from scanner.model.weights import load_detector
 
     model, info = load_detector(model_path)
     result = export_onnx(model, info, out_dir, opset=opset, exporter=exporter)
@@ -506,7 +506,7 @@ def info(model_path):
     """Show the model's name, hash, threshold and config, and the models that ship (`--model NAME`)."""
     import json
 
-    from scanner.weights import read_info, shipped_models
+    from scanner.model.weights import read_info, shipped_models
 
     mi = read_info(model_path)
     payload = {"model": mi.model_id, "path": str(mi.path), "threshold": mi.threshold,
@@ -532,7 +532,7 @@ def info(model_path):
 def explain_cmd(image, model_path, backend, engines_dir, out, threads):
     """Draw why the model scores IMAGE as it does: activation heatmap, the six patches and their attention
     weights, score and label (a PNG 1200 px wide). IMAGE: a file or an archive member id (a.tar::member)."""
-    from scanner.explain import explain_file
+    from scanner.reports.explain import explain_file
 
     _threads(threads)
     expl, path = explain_file(image, model_path=model_path, backend=backend, out=out, threads=threads,
@@ -556,7 +556,7 @@ def explain_cmd(image, model_path, backend, engines_dir, out, threads):
 def report_cmd(results, out, top_n, eval_report, title, threshold, log_counts):
     """One self-contained HTML report of a scan's RESULTS (JSONL): counts, score histogram, errors by kind,
     thumbnails of the most synthetic images with their patches, and an evaluation's curves."""
-    from scanner.report import write_report
+    from scanner.reports.report import write_report
 
     path = write_report(results, out, top_n=top_n, eval_report=eval_report, title=title, threshold=threshold,
                         log_counts=log_counts)

@@ -10,14 +10,14 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-import cli
-from scanner import decode as decode_module
+from scanner import cli
 from scanner.config import ModelConfig
+from scanner.decoding import decode as decode_module
 from scanner.errors import MissingPackageError
-from scanner.model import Detector
-from scanner.preflight import check_optional_packages
-from scanner.store import iter_records
-from scanner.weights import save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import save_detector
+from scanner.scan.preflight import check_optional_packages
+from scanner.scan.store import iter_records
 from tests.flaky_http import FlakyServer
 from tests.test_decode import encode, gradient
 

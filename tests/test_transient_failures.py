@@ -19,15 +19,15 @@ import pytest
 from click.testing import CliRunner
 from fsspec.implementations.memory import MemoryFileSystem
 
-import cli
+from scanner import cli
 from scanner.config import ModelConfig
 from scanner.errors import ItemError
-from scanner.final_view import FinalFilter
-from scanner.model import Detector
-from scanner.retry import RetryPolicy
+from scanner.model.detector import Detector
+from scanner.model.weights import save_detector
+from scanner.scan.final_view import FinalFilter
+from scanner.scan.store import iter_records
 from scanner.sources import Item, iter_sources, read_item
-from scanner.store import iter_records
-from scanner.weights import save_detector
+from scanner.sources.retry import RetryPolicy
 from tests.flaky_http import FlakyServer
 from tests.test_decode import encode, gradient
 

@@ -1,6 +1,6 @@
 """Inference backends behind one contract (DESIGN.md section 2, "Engines").
 
-A runner is what scanner.inference calls: `runner.eval()` and `runner(images) -> DetectorOutput`
+A runner is what scanner.scan.inference calls: `runner.eval()` and `runner(images) -> DetectorOutput`
 with `.logits` (B,) and `.boxes` (B, K, 4) int64, for a list of uint8 (3, H_i, W_i) images.
 
     torch        the Detector itself on the CPU (the reference); on a CUDA GPU the torch CUDA runner
@@ -103,8 +103,8 @@ def load_backend(name: str, model_path=None, *, threads: int | None = None, engi
 def _load_torch(model_path, threads: int | None, precision: str = "fp32"):
     import torch
 
+    from scanner.backends.export import is_export_dir
     from scanner.backends.torch_cpu import load_torch_cpu
-    from scanner.export import is_export_dir
 
     if is_export_dir(model_path):
         raise ScannerError(f"{str(model_path)!r} is an ONNX export; the torch backend needs the .safetensors "

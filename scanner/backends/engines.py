@@ -1,6 +1,6 @@
 """TensorRT engines: recipes, provenance sidecars, INT8 calibration data and the build.
 
-The model is served as two graphs (DESIGN.md section 2), exported by `scanner.export`:
+The model is served as two graphs (DESIGN.md section 2), exported by `scanner.backends.export`:
 
     global.onnx        images (B, 3, 224, 224) in [0, 1]        -> fmap (B, C, 7, 7), g (B, D)
     local_fuser.onnx   patches (B, K, 3, 224, 224) in [0, 1], g  -> logits (B,)
@@ -415,7 +415,7 @@ def calibration_files(folder: Path) -> list[Path]:
 
 def _decoded(paths: Iterable[Path], limit: int) -> Iterator[torch.Tensor]:
     """Uint8 (3, H, W) images decoded from `paths`, at most `limit`; undecodable files are skipped."""
-    from scanner.decode import read_and_decode
+    from scanner.decoding.decode import read_and_decode
 
     count = 0
     for path in paths:
@@ -445,7 +445,7 @@ def global_calibration_batches(paths: Iterable[Path], batch: int, max_images: in
 
     The same preprocessing as serving (`preprocess.global_views`), so the scales fit real inputs.
     """
-    from scanner.preprocess import global_views
+    from scanner.model.preprocess import global_views
 
     for chunk in _chunks(_decoded(paths, max_images), batch):
         yield {"images": global_views(chunk, size)}
@@ -455,8 +455,8 @@ def local_calibration_batches(model, paths: Iterable[Path], batch: int, max_imag
     """Inputs of the local+fuser graph from the torch model: {"patches": float32 (batch, K, 3, S, S)
     in [0, 1], "g": float32 (batch, D)}, patches chosen by its PSM and cut by crop_resize as in serving.
     """
-    from scanner.crop_resize import crop_patches
-    from scanner.preprocess import global_views, image_sizes
+    from scanner.model.crop_resize import crop_patches
+    from scanner.model.preprocess import global_views, image_sizes
 
     device = next(model.parameters()).device
     size = model.cfg.input_size
@@ -699,7 +699,7 @@ def build_engines(
     export = read_export_manifest(onnx_dir)
     model = None
     if weights is not None:
-        from scanner.weights import read_info
+        from scanner.model.weights import read_info
 
         info = read_info(weights)
         if info.sha256 != export.weights_sha256:
@@ -712,7 +712,7 @@ def build_engines(
     trt = import_tensorrt()
     gpu_name, capability = current_gpu()
     if recipe.precision == "int8":
-        from scanner.weights import load_detector
+        from scanner.model.weights import load_detector
 
         model, _ = load_detector(weights, device=CALIBRATION_DEVICE)
     paths = engine_paths(out_dir, recipe.name)

@@ -7,7 +7,7 @@
 S is the config's input_size (224), K the patch count (6 for PSM). The batch axis is dynamic and
 named `B` on every input and output; every other axis is fixed. The backbone's own normalisation is
 inside the graphs. PSM and crop-resize run between the graphs (DESIGN.md section 2). These names and
-shapes are the contract the onnxruntime and tensorrt backends (scanner.engines) are written against.
+shapes are the contract the onnxruntime and tensorrt backends (scanner.backends.engines) are written against.
 `export.json` beside the graphs records the provenance (weights sha256, model id, config, opset,
 versions, shapes).
 
@@ -38,8 +38,8 @@ from torch import nn
 
 from scanner.config import model_config_from_dict
 from scanner.errors import ScannerError
-from scanner.patches import PatchSelector
-from scanner.weights import ModelInfo
+from scanner.model.patches import PatchSelector
+from scanner.model.weights import ModelInfo
 
 FORMAT = "scanner-onnx/1"
 DEFAULT_OPSET = 18
@@ -134,7 +134,7 @@ def export_onnx(model: nn.Module, info: ModelInfo, out_dir, *, opset: int = DEFA
     if batch < 2:
         raise ScannerError(f"export batch is {batch}; expected 2 or more (a batch of 1 may be specialised away)")
     if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ScannerError("the model is not float32; load it with scanner.weights.load_detector")
+        raise ScannerError("the model is not float32; load it with scanner.model.weights.load_detector")
     if exporter == "dynamo":
         _require_onnxscript()
     out_dir = Path(out_dir)

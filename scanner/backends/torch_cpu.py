@@ -67,7 +67,7 @@ class Bf16Detector(torch.nn.Module):
 
 def load_torch_cpu(model_path, precision: str = "auto"):
     """(runner, ModelInfo): the Detector on the CPU at `precision` (auto: bf16 where native)."""
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
 
     model, info = load_detector(model_path)
     chosen = resolve_precision(precision, info.config.backbone)

@@ -1,8 +1,8 @@
 """`scanner bench`: the production scan against the naive baseline, on the same images, in one run.
 
-For each batch size and round: the real scan (scanner.scan: enumeration, decode threads, the chosen
+For each batch size and round: the real scan (scanner.scan.pipeline: enumeration, decode threads, the chosen
 backend, the writer) over a list of the images into a scratch output, timed end to end with every
-stage's busy time recorded (scanner.stages); then the naive baseline (scanner.naive) over the same
+stage's busy time recorded (scanner.stages); then the naive baseline (scanner.bench.naive) over the same
 files. Reported: images/s of both and their ratio (medians over rounds, modes alternating so that
 machine noise hits both), per-stage time per image, batch latency percentiles, peak memory, and the
 largest score difference between the two (they compute the same function).
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from scanner import stages
+from scanner.decoding.loaders import model_device, resolve_loader
 from scanner.errors import ScannerError
-from scanner.loaders import model_device, resolve_loader
 
 
 @dataclass
@@ -96,8 +96,8 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float] | None:
 
 
 def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOptions) -> dict:
-    from scanner.scan import ScanOptions, scan
-    from scanner.store import iter_records
+    from scanner.scan.pipeline import ScanOptions, scan
+    from scanner.scan.store import iter_records
 
     options = ScanOptions(batch_size=batch, workers=opts.workers, force=True, loader=opts.loader,
                           fsync_interval=3600.0)
@@ -118,7 +118,7 @@ def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOp
 
 
 def run_baseline(model, paths: list[Path], batch: int, workers: int) -> dict:
-    from scanner.naive import run_naive
+    from scanner.bench.naive import run_naive
 
     _reset_peak_rss()
     _gpu_reset()
@@ -133,8 +133,8 @@ def _warm_up(runner, naive_model, paths: list[Path], batch: int) -> None:
     """One full batch through each, untimed: session set-up, kernel compilation, and the per-shape
     set-up of cuDNN (seen on an H200: ~2.5 s for the first batch of each new size) stay out. A
     runner with fixed batch shapes (torch CUDA) also runs each smaller shape a scan meets."""
-    from scanner.decode import decode
-    from scanner.naive import naive_forward
+    from scanner.bench.naive import naive_forward
+    from scanner.decoding.decode import decode
 
     images = []
     for path in paths[:batch]:
@@ -164,9 +164,9 @@ def _max_diff(a: dict[str, float], b: dict[str, float]) -> float | None:
 def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) -> dict:
     """Bench `paths` with `opts`, scratch files in `work_dir`; returns the report (see module doc)."""
     from scanner.backends import load_backend, resolve_auto
-    from scanner.naive import naive_model
-    from scanner.scan import default_workers, set_threads
-    from scanner.weights import load_detector
+    from scanner.bench.naive import naive_model
+    from scanner.model.weights import load_detector
+    from scanner.scan.pipeline import default_workers, set_threads
 
     if not paths:
         raise ScannerError("no images to bench")
@@ -291,8 +291,8 @@ def untrained_model(arch: str, folder: Path) -> Path:
     import dataclasses
 
     from scanner.config import BACKBONES, ModelConfig, load_config
-    from scanner.model import Detector
-    from scanner.weights import save_detector
+    from scanner.model.detector import Detector
+    from scanner.model.weights import save_detector
 
     if arch.endswith((".yaml", ".yml")):
         if not Path(arch).is_file():

@@ -3,7 +3,7 @@
 PIL opens each file inside a torch DataLoader (ToTensor: float32 CHW in [0, 1]); the model runs
 eagerly in float32 NCHW; each image's global view is resized on its own; the patches are cut and
 resized in a Python loop over images and boxes; batches are as given (no pixel budget). It computes
-the same function as scanner.model.Detector (EXIF orientation applied, same resizes), so its scores
+the same function as scanner.model.detector.Detector (EXIF orientation applied, same resizes), so its scores
 agree with the scan's up to float rounding, and the bench checks that they do.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from scanner.preprocess import central_square
+from scanner.model.preprocess import central_square
 
 
 class PilImages(Dataset):

@@ -1,38 +1,38 @@
-"""The DALI loader: plain JPEGs decoded a batch at a time by NVIDIA DALI, the rest by scanner.decode.
+"""The DALI loader: plain JPEGs decoded a batch at a time by NVIDIA DALI, the rest by scanner.decoding.decode.
 
 One pipeline (`decode_pipeline`, one `@pipeline_def` parameterised by device) takes encoded bytes
 through `fn.external_source` and gives, per image,
 
     image  uint8 (H, W, 3) RGB at full resolution (for crop-resize), handed on as (3, H, W)
     view   float32 (3, 224, 224) in [0, 1]: the central square (side min(H, W), offset
-           ((H-m)//2, (W-m)//2)) resized with antialiasing, as scanner.preprocess.global_views
+           ((H-m)//2, (W-m)//2)) resized with antialiasing, as scanner.model.preprocess.global_views
            (only when asked for: the scan's runners compute the view from the image themselves)
 
 decoded by nvJPEG (device "mixed", on the GPU, chroma upsampled like libjpeg) or by libjpeg-turbo
 (device "cpu", `device_id=None`, where there is no GPU). On the GPU the outputs reach torch through
 DLPack on torch's current stream: no host copy. Two entry points use it: `DaliLoader` (the scan's batch
-loader: scanner.scan, scanner.prepare) and `iter_webdataset` (tar shards through
+loader: scanner.scan.pipeline, scanner.scan.prepare) and `iter_webdataset` (tar shards through
 `fn.readers.webdataset`, with `shard_id`/`num_shards`).
 
 Routing (`route`, on the scan's worker threads). DALI gets a file only when it is certain to give
-the CPU decoder's pixels: Pillow's header parse (scanner.decode, so the same DecodeErrors for bad
+the CPU decoder's pixels: Pillow's header parse (scanner.decoding.decode, so the same DecodeErrors for bad
 headers) says JPEG (not MPO) in mode RGB or L within the pixel budget, EXIF orientation 1 (DALI's
 own orientation handling is off), and a cheap structural check passes: SOF0/1/2 (baseline,
 extended, progressive; Huffman), 8-bit, 1 or 3 components, marker segments consistent up to the
 first SOS, only legal marker codes in the entropy-coded data, an EOI after it. Everything else (PNG,
 WebP, GIF, TIFF, CMYK, arithmetic or lossless JPEG, rotated, truncated, over budget) is decoded by
-scanner.decode.decode and rejoins the batch in its place.
+scanner.decoding.decode.decode and rejoins the batch in its place.
 
 Isolation. A corrupt JPEG that passes those checks makes the whole DALI batch fail, and the pipeline
 object is unusable afterwards. The pipeline is then rebuilt (about 25 ms on the CPU) and the batch
 bisected: each half runs again, down to single files. A file DALI still refuses alone goes to
-scanner.decode.decode, the reference, whose DecodeError becomes its `decode` error record (or whose
+scanner.decoding.decode.decode, the reference, whose DecodeError becomes its `decode` error record (or whose
 image is scored, if libjpeg-turbo's own decoder accepts it): every file gets exactly the CPU loader's
 outcome and its neighbours are decoded by DALI as usual. Cost: about 2·k·log2(B) pipeline runs for k
 bad files in a batch of B.
 
 Tolerances (tests/test_dali.py; CPU mode measured here, GPU not measured on this machine):
-- image, DALI CPU vs scanner.decode (torchvision's libjpeg-turbo): bit-identical on every JPEG
+- image, DALI CPU vs scanner.decoding.decode (torchvision's libjpeg-turbo): bit-identical on every JPEG
   tried (4:4:4, 4:2:2, 4:2:0, quality 50-100, sizes 80x100 to 1024x768, grey, progressive). Tested
   with max |diff| <= 1 so that a libjpeg-turbo version skew cannot fail the build.
 - view, DALI vs preprocess.global_views on the same pixels: the interior (all but the outermost 2
@@ -55,9 +55,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scanner.decode import DecodeError, _orientation, _plan, decode
+from scanner.decoding.decode import DecodeError, _orientation, _plan, decode
 from scanner.errors import ItemError
-from scanner.preprocess import global_views
+from scanner.model.preprocess import global_views
 from scanner.stages import stage
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ _SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def route(data: bytes, max_pixels: int, downscale_large: bool = False) -> tuple[int, int] | None:
-    """(width, height) when DALI may decode `data`, None when scanner.decode.decode must.
+    """(width, height) when DALI may decode `data`, None when scanner.decoding.decode.decode must.
 
-    Raises DecodeError exactly where scanner.decode.decode refuses the header (same parse).
+    Raises DecodeError exactly where scanner.decoding.decode.decode refuses the header (same parse).
     """
     plan = _plan(data, max_pixels, downscale_large, fast_allowed=False)
     img = plan.img
@@ -295,8 +295,8 @@ class DaliDecoder:
     def decode(self, samples: Sequence[bytes], max_pixels: int | None = None, downscale_large: bool = False
                ) -> list[Loaded]:
         """Any encoded files -> one Loaded per input, in order: routed JPEGs through DALI, the rest (and
-        files DALI refuses) through scanner.decode.decode; errors as its DecodeError kinds."""
-        from scanner.decode import DEFAULT_MAX_PIXELS
+        files DALI refuses) through scanner.decoding.decode.decode; errors as its DecodeError kinds."""
+        from scanner.decoding.decode import DEFAULT_MAX_PIXELS
 
         max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         results: list[Loaded | None] = [None] * len(samples)
@@ -324,7 +324,7 @@ class DaliDecoder:
             decoded = decode(data, max_pixels, downscale_large=downscale_large)
         except ItemError as exc:
             return Loaded(error=exc)
-        except Exception as exc:  # noqa: BLE001 - as scanner.prepare: a parser failing on hostile bytes is a bad file
+        except Exception as exc:  # noqa: BLE001 - as scanner.scan.prepare: a parser failing on hostile bytes is a bad file
             return Loaded(error=DecodeError("decode", f"decoder failed: {type(exc).__name__}: {exc}"))
         image = decoded.image.to(self.target)
         view = global_views([image], self.size)[0] if self.views else None
@@ -347,9 +347,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 class DaliLoader:
-    """The scan's batch loader (scanner.loaders): `route` on the workers, `load` before inference.
+    """The scan's batch loader (scanner.decoding.loaders): `route` on the workers, `load` before inference.
 
-    options: the scan's scanner.prepare.DecodeOptions (for files the CPU decoder takes over). device:
+    options: the scan's scanner.scan.prepare.DecodeOptions (for files the CPU decoder takes over). device:
     the model's device; images are put there. Decoding runs on the GPU whenever CUDA is available
     (DALI's CPU mode otherwise, logged once).
     """
@@ -358,7 +358,7 @@ class DaliLoader:
 
     def __init__(self, model_id: str, options=None, batch_size: int = 16, device=None,
                  num_threads: int | None = None):
-        from scanner.prepare import DecodeOptions
+        from scanner.scan.prepare import DecodeOptions
 
         target = torch.device(device) if device is not None else torch.device("cpu")
         mode = "gpu" if torch.cuda.is_available() else "cpu"
@@ -379,9 +379,9 @@ class DaliLoader:
 
     def load(self, batch: list) -> list:
         """Decode the batch's routed JPEGs (Prepared.encoded) with DALI, in place; files DALI refuses
-        are decoded by the CPU decoder (scanner.prepare.decode_into), whose error record they get if it
+        are decoded by the CPU decoder (scanner.scan.prepare.decode_into), whose error record they get if it
         refuses them too. Returns the Prepared that have an image, in order."""
-        from scanner.prepare import decode_into
+        from scanner.scan.prepare import decode_into
 
         todo = [p for p in batch if p.encoded is not None]
         with stage("decode", self.decoder.target):

@@ -1,12 +1,12 @@
 """Loaders: how the scan turns encoded bytes into images (DESIGN.md section 2, "Decode").
 
-    cpu   the decode workers read, hash and decode every file (scanner.decode: torchvision.io for
+    cpu   the decode workers read, hash and decode every file (scanner.decoding.decode: torchvision.io for
           plain JPEG/WebP, Pillow for the rest). The reference, and the default without a GPU.
     dali  the workers read, hash and check the header; plain JPEGs are decoded a batch at a time by
           NVIDIA DALI right before inference (nvJPEG on a CUDA GPU, libjpeg-turbo in DALI's CPU mode),
-          everything else by the CPU decoder as above (scanner.loaders.dali).
+          everything else by the CPU decoder as above (scanner.decoding.dali).
     nvjpeg  the same routing, with the batch's JPEGs decoded on a CUDA GPU by torchvision's nvJPEG,
-          for GPUs without DALI (scanner.loaders.nvjpeg).
+          for GPUs without DALI (scanner.decoding.nvjpeg).
 
 `resolve_loader("auto", device)` decodes on the GPU only when the model computes on one: dali when
 `nvidia.dali` is importable, else nvjpeg (a GPU scan is bound by CPU decoding: on an H100 with 16
@@ -16,7 +16,7 @@ DALI decodes at about half torchvision's speed (shared/FACTS.md), so auto never 
 is what the parity tests use. nvidia.dali is never imported here (importing scanner, `scanner --help`
 and the CPU tests must not need it).
 
-A batch loader (what scanner.scan and scanner.prepare use) has two methods:
+A batch loader (what scanner.scan.pipeline and scanner.scan.prepare use) has two methods:
 
     route(data, options) -> (width, height) | None   on a decode worker: None = decode on the CPU now
     load(batch) -> batch                             on the scan thread, right before inference
@@ -73,17 +73,17 @@ def resolve_loader(name: str, device=None) -> str:
 def make_loader(name: str, *, model_id: str, options=None, batch_size: int = 16, device=None,
                 num_threads: int | None = None):
     """The batch loader for a resolved loader name: None for "cpu" (the scan decodes on its workers),
-    a scanner.loaders.dali.DaliLoader for "dali". options: the scan's scanner.prepare.DecodeOptions;
+    a scanner.decoding.dali.DaliLoader for "dali". options: the scan's scanner.scan.prepare.DecodeOptions;
     device: where the model wants its images (DALI's images are put there)."""
     if name == "cpu":
         return None
     if name == "nvjpeg":
-        from scanner.loaders.nvjpeg import NvjpegLoader
+        from scanner.decoding.nvjpeg import NvjpegLoader
 
         return NvjpegLoader(model_id, options, device=device)
     if name != "dali":
         raise ValueError(f"unresolved loader {name!r}")
-    from scanner.loaders.dali import DaliLoader
+    from scanner.decoding.dali import DaliLoader
 
     return DaliLoader(model_id, options, batch_size=batch_size, device=device, num_threads=num_threads)
 

@@ -2,7 +2,7 @@
 (`torchvision.io.decode_jpeg(device="cuda")`), everything else by the CPU decoder. For CUDA machines
 without DALI (`--loader nvjpeg`, and what `auto` picks there for a model on the GPU).
 
-Routing is the dali loader's (scanner.loaders.dali.route: a well-formed baseline or progressive JPEG,
+Routing is the dali loader's (scanner.decoding.dali.route: a well-formed baseline or progressive JPEG,
 RGB or grey, no EXIF rotation, within the pixel budget). A file nvJPEG refuses, or decodes to another
 size than its header gives, is decoded by the CPU decoder, whose error record it gets if that refuses
 it too. Every image of the batch ends on the model's GPU, so the runner uploads nothing.
@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from scanner.loaders.dali import route
+from scanner.decoding.dali import route
 from scanner.stages import stage
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def _nvjpeg(data: list[bytes], device: torch.device) -> list:
 
 
 class NvjpegLoader:
-    """The scan's batch loader (scanner.loaders): `route` on the workers, `load` before inference.
+    """The scan's batch loader (scanner.decoding.loaders): `route` on the workers, `load` before inference.
 
     device: the model's CUDA device; decode(list of bytes, device) -> per file a uint8 (3, H, W) tensor
     on the device or the exception it raised (default: torchvision's nvJPEG; tests pass their own).
@@ -40,7 +40,7 @@ class NvjpegLoader:
     name = "nvjpeg"
 
     def __init__(self, model_id: str, options=None, device=None, decode=None):
-        from scanner.prepare import DecodeOptions
+        from scanner.scan.prepare import DecodeOptions
 
         self.model_id = model_id
         self.options = options or DecodeOptions()
@@ -55,7 +55,7 @@ class NvjpegLoader:
 
     def load(self, batch: list) -> list:
         """Decode the batch's routed JPEGs in place; returns the Prepared that have an image, in order."""
-        from scanner.prepare import decode_into
+        from scanner.scan.prepare import decode_into
 
         todo = [p for p in batch if p.encoded is not None]
         with stage("decode", self.target):

@@ -1,13 +1,13 @@
 """The output of a distributed scan: a directory of whole JSONL parts plus a manifest; and `merge`.
 
     OUT_DIR/
-      part-<run>-<block>.jsonl   records (schema 1, scanner.results), each part written whole
+      part-<run>-<block>.jsonl   records (schema 1, scanner.scan.results), each part written whole
       manifest.json              schema, model, inputs, runs (start/end), parts with record counts
-      manifest.json.lock         held while a driver writes here (scanner.store.OutputLock)
+      manifest.json.lock         held while a driver writes here (scanner.scan.store.OutputLock)
 
 A part is written under a temporary name, fsync'ed and renamed, so a run killed at any moment
 leaves only whole parts (and maybe a `.part-*.tmp`, removed by the next run). Resume reads every
-part, in name order (= run, then block), into a ResumeState (scanner.final_view) and skips the ids that
+part, in name order (= run, then block), into a ResumeState (scanner.scan.final_view) and skips the ids that
 are done; ids whose final record is transient are scanned again. `scanner merge` writes the final
 view: each id's last record. Nothing here needs Ray: `scanner merge` runs anywhere.
 """
@@ -23,10 +23,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from scanner.errors import ScannerError
-from scanner.final_view import FinalFilter, ResumeState
-from scanner.idset import IdSet
-from scanner.results import SCHEMA_VERSION, dumps
-from scanner.store import OutputLock, iter_records, read_resume_state
+from scanner.scan.final_view import FinalFilter, ResumeState
+from scanner.scan.idset import IdSet
+from scanner.scan.results import SCHEMA_VERSION, dumps
+from scanner.scan.store import OutputLock, iter_records, read_resume_state
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "scanner-parts/1"
@@ -36,7 +36,7 @@ _TMP_PREFIX = ".part-"
 
 def new_run_id() -> str:
     """Sorts by start time, to the microsecond (parts of later runs list after earlier ones: the final
-    view, scanner.final_view, takes an id's last record in that order); the suffix tells apart runs
+    view, scanner.scan.final_view, takes an id's last record in that order); the suffix tells apart runs
     on different directories started at the same instant. (Ids of older versions, without the
     microseconds, sort before those of a later run started in the same second.)"""
     now = time.time()
@@ -139,7 +139,7 @@ class PartDir:
         return self.state.done
 
     def commit(self, lines: list[str]) -> str:
-        """Write the next part (atomically): `lines` are records serialised by scanner.results.dumps.
+        """Write the next part (atomically): `lines` are records serialised by scanner.scan.results.dumps.
         Returns its name. (`done` is not updated: the scan's feed owns it from the start, and adds
         every id it hands out, so an item given twice is scanned once; the driver adds the records
         to `state` as they arrive.)"""
@@ -227,7 +227,7 @@ def _checked(records: Iterable[dict], model_id: str | None) -> Iterator[dict]:
 
 
 def _final(out_dir: str, model_id: str | None, summary: MergeSummary) -> Iterator[dict]:
-    """The final view of the parts (scanner.final_view): each id's last record, in part order."""
+    """The final view of the parts (scanner.scan.final_view): each id's last record, in part order."""
     kept = FinalFilter(record["id"] for record in iter_part_records(out_dir))
     for record in _checked(iter_part_records(out_dir), model_id):
         if kept.keep(record["id"]):
@@ -238,7 +238,7 @@ def _final(out_dir: str, model_id: str | None, summary: MergeSummary) -> Iterato
 
 def merge_parts(out_dir, out, fmt: str | None = None) -> MergeSummary:
     """Stream every part of `out_dir` into the single file `out` (JSONL, or Parquet for fmt="parquet"
-    or a .parquet name), each id once (its final record, scanner.final_view), written under a
+    or a .parquet name), each id once (its final record, scanner.scan.final_view), written under a
     temporary name and renamed at the end.
 
     Parts are whole by construction, so merging during a run gives the records committed so far.
@@ -281,7 +281,7 @@ def merge_parts(out_dir, out, fmt: str | None = None) -> MergeSummary:
 
 
 def _write_parquet(records: Iterable[dict], path: str) -> None:
-    from scanner.parquet import arrow_schema, require_pyarrow, write_records
+    from scanner.scan.parquet import arrow_schema, require_pyarrow, write_records
 
     require_pyarrow()
     import pyarrow.parquet as pq

@@ -3,7 +3,7 @@
     driver: iter_sources -> resume/dedupe (IdSet) -> chunks of items -> ray.put -> bounded queue
     Ray:    read (queue -> blocks) -> map_batches(_Infer, actor pool): prepare() on a thread pool,
             BatchRunner on the model; one model per actor, num_gpus=1 each when the cluster has GPUs
-    driver: records -> whole JSONL parts + manifest (scanner.parts)
+    driver: records -> whole JSONL parts + manifest (scanner.distributed.parts)
 
 How items stream in: the driver enumerates the sources lazily (the same `scanner.sources.iter_sources`
 as a local scan) on a thread, drops ids already done, packs up to 64 items (or 64 MB of archive
@@ -48,16 +48,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from scanner.distributed.parts import PartDir
 from scanner.errors import MissingPackageError, ScannerError, is_transient
-from scanner.idset import IdSet
-from scanner.parts import PartDir
-from scanner.progress import ScanProgress
-from scanner.results import dumps
+from scanner.scan.idset import IdSet
+from scanner.scan.progress import ScanProgress
+from scanner.scan.results import dumps
 from scanner.sources import Item, iter_sources
 
 if TYPE_CHECKING:  # torch: imported where the work is done, not where items are only moved
-    from scanner.prepare import DecodeOptions, Prepared
-    from scanner.scan import ScanOptions
+    from scanner.scan.pipeline import ScanOptions
+    from scanner.scan.prepare import DecodeOptions, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def require_ray():
 
 @dataclass
 class DistributedSummary:
-    """scanner.scan.ScanSummary's fields (the CLI prints either), and where the parts went."""
+    """scanner.scan.pipeline.ScanSummary's fields (the CLI prints either), and where the parts went."""
 
     scanned: int  # records written by this run
     errors: int  # of which error records
@@ -97,7 +97,7 @@ class DistributedSummary:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     transient: int = 0  # of the errors, transient ones (`io`): the next run tries these ids again
     retried: int = 0  # items scanned again because their earlier record was a transient error
-    output: dict = field(default_factory=dict)  # the output's final view (scanner.final_view)
+    output: dict = field(default_factory=dict)  # the output's final view (scanner.scan.final_view)
     out_dir: str = ""
     model: str = ""  # model id
     run: str = ""  # this run's id (in its part names)
@@ -262,7 +262,7 @@ class _Infer:
         from concurrent.futures import ThreadPoolExecutor
 
         from scanner.backends import load_backend
-        from scanner.inference import BatchRunner
+        from scanner.scan.inference import BatchRunner
 
         # A user error here (no GPU for tensorrt, other weights) is raised by the first call instead: Ray
         # reports a failed constructor as a dead actor, losing the message's type; a failed call keeps it.
@@ -286,7 +286,7 @@ class _Infer:
     def _prepared(self, items: list[Item]) -> Iterator[Prepared]:
         """prepare() of each item, in order; with a pool at most batch_size + 2 * workers decoded ahead
         (decoded pixels are the memory that matters)."""
-        from scanner.prepare import prepare
+        from scanner.scan.prepare import prepare
 
         if self.pool is None:
             for item in items:
@@ -305,7 +305,7 @@ class _Infer:
     def __call__(self, table):
         import pyarrow as pa
 
-        from scanner.scan import BATCH_PIXEL_BUDGET
+        from scanner.scan.pipeline import BATCH_PIXEL_BUDGET
 
         if self.error is not None:
             raise self.error
@@ -337,8 +337,8 @@ class _Infer:
 
 def _model_info(model_path):
     """The model's id and threshold, read on the driver without loading it (workers load it)."""
-    from scanner.export import info_from_export, is_export_dir
-    from scanner.weights import read_info
+    from scanner.backends.export import info_from_export, is_export_dir
+    from scanner.model.weights import read_info
 
     return info_from_export(model_path) if is_export_dir(model_path) else read_info(model_path)
 
@@ -439,7 +439,7 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
              actor_cpus: int | None = None, threads: int | None = None, part_size: int = PART_SIZE,
              part_seconds: float = PART_SECONDS, console=None, stop: threading.Event | None = None,
              total: int | None = None, on_part=None, preflight: bool = True) -> DistributedSummary:
-    """Scan `inputs` (and `from_list`) on a Ray cluster into the directory `out_dir` (scanner.parts).
+    """Scan `inputs` (and `from_list`) on a Ray cluster into the directory `out_dir` (scanner.distributed.parts).
 
     address: None or "local" starts a local Ray (unless one is initialised already), "auto" attaches
     to the cluster this node belongs to, "ray://HOST:10001" connects a client. model_path: weights
@@ -451,10 +451,10 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
     `stop` (an Event) ends the run after the records received so far are written, like SIGINT.
     Rerunning with the same `out_dir` resumes (ids whose final record is a transient error are scanned
     again); options.force starts over. Optional packages the inputs need are checked first
-    (scanner.preflight; preflight=False: the caller has checked).
+    (scanner.scan.preflight; preflight=False: the caller has checked).
     """
     from scanner.backends import CHOICES
-    from scanner.scan import ScanOptions
+    from scanner.scan.pipeline import ScanOptions
 
     ray = require_ray()
     options = options or ScanOptions()
@@ -474,7 +474,7 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
         inputs = [inputs]
     inputs = [os.fspath(i) for i in inputs]
     if preflight:
-        from scanner.preflight import check_optional_packages
+        from scanner.scan.preflight import check_optional_packages
 
         check_optional_packages(inputs, from_list, fmt=options.fmt, ray=True)  # actors decode on CPUs
     items = iter_sources(inputs, from_list=from_list, max_bytes=options.decode.max_bytes,

@@ -1,7 +1,7 @@
 """Backbones: each maps images in [0, 1] (B, 3, 224, 224) to a feature map (B, C, 7, 7) and a vector (B, C).
 
 The map feeds the Patch Selection Module; the vector feeds the embedding. For the CNNs the vector is
-the map's spatial mean; for the CLIP ViT it is the class token (scanner.clip_vit). Normalisation
+the map's spatial mean; for the CLIP ViT it is the class token (scanner.model.clip_vit). Normalisation
 belongs to the backbone (ImageNet statistics for torchvision's ResNet-50, [-1, 1] for the
 TensorFlow-ported EfficientNet-Lite weights, CLIP's own statistics). No weights are ever downloaded.
 """
@@ -166,7 +166,7 @@ def _tiny(cfg: ModelConfig) -> Backbone:
 
 
 def _clip_b16(cfg: ModelConfig) -> Backbone:
-    from scanner.clip_vit import CLIP_MEAN, CLIP_STD, LAYERS, WIDTH, load_clip_trunk
+    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD, LAYERS, WIDTH, load_clip_trunk
 
     trunk = load_clip_trunk(cfg.trunk_blocks or LAYERS, pretrained=cfg.pretrained, taps=tuple(cfg.trunk_taps))
     return Backbone(trunk, trunk.channels, CLIP_MEAN, CLIP_STD, fmap_channels=WIDTH)

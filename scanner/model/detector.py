@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scanner.backbones import build_backbone
 from scanner.config import ModelConfig
-from scanner.crop_resize import crop_patches
-from scanner.fusion import AFFM
-from scanner.patches import PatchSelector
-from scanner.preprocess import global_views, image_sizes
+from scanner.model.backbones import build_backbone
+from scanner.model.crop_resize import crop_patches
+from scanner.model.fusion import AFFM
+from scanner.model.patches import PatchSelector
+from scanner.model.preprocess import global_views, image_sizes
 from scanner.stages import stage
 
 
@@ -67,7 +67,7 @@ class Detector(nn.Module):
     def fuse(self, local_vectors: torch.Tensor, g: torch.Tensor, need_weights: bool = False):
         """local_vectors: (B, K, C) trunk vectors of the patches, g: (B, D) -> logits (B,), attention weights.
 
-        Everything after the trunks: what training on cached trunk outputs (scanner.token_cache) trains.
+        Everything after the trunks: what training on cached trunk outputs (scanner.training.token_cache) trains.
         """
         local = self.embed(local_vectors)  # (B, K, D)
         tokens = torch.cat([local, g[:, None, :].to(local.dtype)], dim=1)  # (B, K+1, D), global token last

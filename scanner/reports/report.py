@@ -23,7 +23,7 @@ Sections:
 
 The results file is streamed: only the histogram counts, the error counts (and a few messages) and a
 heap of the top N records are held, whatever the file's length. It is read as its final view
-(scanner.final_view): an id with several records (a transient error, then the rerun's record) counts
+(scanner.scan.final_view): an id with several records (a transient error, then the rerun's record) counts
 once, by its last record; a first pass over the ids finds the records superseded.
 """
 
@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from scanner.errors import ItemError, ScannerError, is_transient
-from scanner.explain import GROUP_COLOURS, read_many_ids, shorten
-from scanner.final_view import FinalFilter
+from scanner.reports.explain import GROUP_COLOURS, read_many_ids, shorten
+from scanner.scan.final_view import FinalFilter
 
 BINS = 50
 LOGIT_SPAN = 9.21  # bins cover logits -9.21..9.21, scores 0.0001..0.9999; beyond, the outer bins
@@ -296,7 +296,7 @@ def thumbnail_png(data: bytes, top: TopRecord) -> tuple[bytes, str | None]:
 
     from PIL import Image, ImageDraw
 
-    from scanner.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
+    from scanner.decoding.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
 
     try:
         # A small budget first: big JPEGs then decode at 1/2..1/8 scale (draft mode), much faster.
@@ -373,11 +373,11 @@ def read_scores_csv(path) -> list[tuple[str, str, int, float]]:
 
 
 def pr_curves_png(rows: list[tuple[str, str, int, float]]) -> bytes:
-    """Precision-recall curve per source (pairing as in scanner.evaluate), plus all images together."""
+    """Precision-recall curve per source (pairing as in scanner.training.evaluate), plus all images together."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    from scanner.data import Sample
-    from scanner.evaluate import _ap_index_sets
+    from scanner.training.data import Sample
+    from scanner.training.evaluate import _ap_index_sets
 
     samples = [Sample(Path(p), label, source) for p, source, label, _ in rows]
     labels = np.asarray([r[2] for r in rows])

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 from scanner.errors import is_transient
-from scanner.idset import IdSet
+from scanner.scan.idset import IdSet
 
 _CHUNK = 4096
 

@@ -13,8 +13,8 @@ import time
 import torch
 
 from scanner import stages
-from scanner.prepare import Prepared
-from scanner.results import error_record, label_for, result_record
+from scanner.scan.prepare import Prepared
+from scanner.scan.results import error_record, label_for, result_record
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """`--format parquet`: the JSONL records as a Parquet table (pyarrow, the `parquet` extra).
 
 Columns mirror the JSONL keys; `error` is a struct {kind, message}. Written once per run from the
-previous Parquet file plus the run's JSONL journal (scanner.store), in bounded-size row groups, as
-their final view (scanner.final_view): a row superseded by a later record of its id (a transient
+previous Parquet file plus the run's JSONL journal (scanner.scan.store), in bounded-size row groups, as
+their final view (scanner.scan.final_view): a row superseded by a later record of its id (a transient
 error scanned again) is dropped, so the Parquet file holds one row per id.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from scanner.errors import MissingPackageError, ScannerError
-from scanner.final_view import FinalFilter, ResumeState
-from scanner.results import KEYS
+from scanner.scan.final_view import FinalFilter, ResumeState
+from scanner.scan.results import KEYS
 
 ROWS_PER_GROUP = 65536
 
@@ -44,7 +44,7 @@ def arrow_schema():
 
 
 def read_parquet_state(path: str, model_id: str | None, state: ResumeState) -> None:
-    """Adds the rows of an existing Parquet output to `state` (scanner.final_view); refuses one written
+    """Adds the rows of an existing Parquet output to `state` (scanner.scan.final_view); refuses one written
     by another model."""
     require_pyarrow()
     import pyarrow.parquet as pq
@@ -125,7 +125,7 @@ def _write_merged(journal: str, path: str, tmp: str, schema, hint: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from scanner.store import iter_records
+    from scanner.scan.store import iter_records
 
     # The old rows, then the journal (its records are the later ones); pass 1 reads only the ids.
     old_ids = (i for batch in _parquet_batches(path, ["id"]) for i in batch.column("id").to_pylist())

@@ -6,11 +6,11 @@
 The stages are joined by bounded queues, so memory stays flat however long the listing is and a slow
 stage holds the others back instead of piling up work. Records are written in enumeration order, one
 per item, errors at their position; items already done in the output (resume: their final record is
-not a transient error, scanner.final_view) are skipped, and so are files that are not images
+not a transient error, scanner.scan.final_view) are skipped, and so are files that are not images
 (scanner.sources.sniff). `workers=0` runs every stage on this thread, one
 after the other: the reference the overlap is measured against.
 
-Loaders (`ScanOptions.loader`, scanner.loaders). With "cpu" (the default) the workers decode, as
+Loaders (`ScanOptions.loader`, scanner.decoding.loaders). With "cpu" (the default) the workers decode, as
 above. With "dali" the workers read, hash and parse the header only; plain JPEGs keep their bytes
 (Prepared.encoded) and the loader decodes them a batch at a time with NVIDIA DALI right before
 inference (on the GPU, straight into device memory), while every other file is decoded by the worker
@@ -37,16 +37,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from scanner.decoding.loaders import CHOICES as LOADER_CHOICES
+from scanner.decoding.loaders import make_loader, model_device, resolve_loader
 from scanner.errors import ScannerError, is_transient
-from scanner.idset import IdSet
-from scanner.inference import BatchRunner
-from scanner.loaders import CHOICES as LOADER_CHOICES
-from scanner.loaders import make_loader, model_device, resolve_loader
-from scanner.prepare import DecodeOptions, Prepared, prepare
-from scanner.progress import ScanProgress
+from scanner.scan.idset import IdSet
+from scanner.scan.inference import BatchRunner
+from scanner.scan.prepare import DecodeOptions, Prepared, prepare
+from scanner.scan.progress import ScanProgress
+from scanner.scan.store import ResultStore
 from scanner.sources import iter_sources
 from scanner.stages import stage
-from scanner.store import ResultStore
 
 # Decoded pixels held for one batch (about 600 MB of uint8 RGB): a batch of huge images runs early.
 BATCH_PIXEL_BUDGET = 200_000_000
@@ -62,11 +62,11 @@ class ScanOptions:
     fmt: str = "jsonl"
     force: bool = False  # start over instead of resuming
     fsync_interval: float = 5.0
-    loader: str = "cpu"  # "cpu" | "dali" | "nvjpeg" | "auto" (scanner.loaders.resolve_loader)
+    loader: str = "cpu"  # "cpu" | "dali" | "nvjpeg" | "auto" (scanner.decoding.loaders.resolve_loader)
 
     @property
     def retry(self):
-        """Retries and timeouts of reads (scanner.retry.RetryPolicy), kept with the decode options: they
+        """Retries and timeouts of reads (scanner.sources.retry.RetryPolicy), kept with the decode options: they
         travel to the decode workers (and Ray actors) together."""
         return self.decode.retry
 
@@ -113,7 +113,7 @@ class _Feed:
     """Enumerates items on a thread into a bounded queue, dropping ids that are already done: in the
     output (resume) or earlier in this run (a file given twice, e.g. in a directory and a list)."""
 
-    CHUNK = 64  # ids are checked against the done set a chunk at a time (scanner.idset)
+    CHUNK = 64  # ids are checked against the done set a chunk at a time (scanner.scan.idset)
 
     def __init__(self, items, done: IdSet, maxsize: int, threaded: bool, retry_ids: frozenset = frozenset()):
         self.skipped_done = 0
@@ -235,7 +235,7 @@ def scan(inputs, out_path, model, info, *, from_list: str | None = None, options
     model: a Detector (forward(list of uint8 (3, H, W)) -> logits (B,), boxes (B, K, 4)); info: its
     ModelInfo (model_id, threshold). Progress is drawn on `console` when given; `total` (items, when
     known) gives it an ETA. Raises ScannerError for bad inputs, and for optional packages they need but
-    which are not installed (scanner.preflight; preflight=False: the caller has checked), before the
+    which are not installed (scanner.scan.preflight; preflight=False: the caller has checked), before the
     output is touched.
     """
     options = options or ScanOptions()
@@ -245,7 +245,7 @@ def scan(inputs, out_path, model, info, *, from_list: str | None = None, options
         inputs = [inputs]
     inputs = [os.fspath(i) for i in inputs]
     if preflight:
-        from scanner.preflight import check_optional_packages
+        from scanner.scan.preflight import check_optional_packages
 
         check_optional_packages(inputs, from_list, fmt=options.fmt, loader=options.loader)
     items = iter_sources(inputs, from_list=from_list, max_bytes=options.decode.max_bytes, retry=options.retry)

@@ -94,7 +94,7 @@ def check_optional_packages(inputs: Sequence[str], from_list: str | None = None,
                     problems.append(problem)
         heif = heif or posixpath.splitext(name.lower())[1] in HEIF_SUFFIXES
     if heif and not _installed("pillow_heif"):
-        from scanner.decode import HEIF_INSTALL
+        from scanner.decoding.decode import HEIF_INSTALL
 
         problems.append(f"HEIC/HEIF images need pillow-heif: {HEIF_INSTALL}")
     if fmt == "parquet" and not _installed("pyarrow.parquet"):
@@ -102,7 +102,7 @@ def check_optional_packages(inputs: Sequence[str], from_list: str | None = None,
     if ray and not _installed("ray.data"):
         problems.append("the distributed scan (--ray) needs Ray Data: pip install 'scanner[dist]'")
     if loader == "dali":
-        from scanner.loaders import INSTALL_HINT, dali_installed
+        from scanner.decoding.loaders import INSTALL_HINT, dali_installed
 
         if not dali_installed():
             problems.append(f"--loader dali needs NVIDIA DALI: {INSTALL_HINT}")

@@ -5,7 +5,7 @@ not an image by content or name). Nothing here raises for a bad file; a ScannerE
 package this file needs is missing) passes through and stops the scan, without a record for the file:
 installing the package and rerunning scans it.
 
-With a batch loader (scanner.loaders, `--loader dali`) the worker stops after the header: a file the
+With a batch loader (scanner.decoding.loaders, `--loader dali`) the worker stops after the header: a file the
 loader routes to itself keeps its bytes in `encoded`, and the loader decodes it with its batch right
 before inference (`decode_into` is the CPU decoder it falls back to for a file it refuses).
 """
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scanner.decode import DEFAULT_MAX_PIXELS, decode
+from scanner.decoding.decode import DEFAULT_MAX_PIXELS, decode
 from scanner.errors import ItemError, ScannerError
-from scanner.results import error_record
-from scanner.retry import RetryPolicy
+from scanner.scan.results import error_record
 from scanner.sources import MAX_ITEM_BYTES, Item, read_item
+from scanner.sources.retry import RetryPolicy
 from scanner.stages import stage
 
 
@@ -30,7 +30,7 @@ class DecodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     downscale_large: bool = False
     max_bytes: int = MAX_ITEM_BYTES
-    retry: RetryPolicy = field(default_factory=RetryPolicy)  # reading: retries and timeouts (scanner.retry)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # reading: retries and timeouts (scanner.sources.retry)
 
 
 @dataclass
@@ -68,7 +68,7 @@ def prepare(item: Item, model_id: str, options: DecodeOptions, loader=None) -> P
 
 
 def decode_into(out: Prepared, data: bytes, model_id: str, options: DecodeOptions) -> Prepared:
-    """Decode `data` on the CPU (scanner.decode) into `out`: its image, or its error record."""
+    """Decode `data` on the CPU (scanner.decoding.decode) into `out`: its image, or its error record."""
     try:
         with stage("decode"):
             decoded = decode(data, options.max_pixels, downscale_large=options.downscale_large)

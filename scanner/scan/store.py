@@ -7,7 +7,7 @@ close. Parquet cannot be appended to, so a Parquet output keeps the same JSONL f
 beside it (`OUT.journal.jsonl`) and rewrites the Parquet file from the old rows plus the journal when
 the run ends; a run killed before that resumes from the journal.
 
-Resume: opening an existing output reads it once (scanner.final_view.ResumeState) and remembers the
+Resume: opening an existing output reads it once (scanner.scan.final_view.ResumeState) and remembers the
 ids that are done, those whose final record is not transient; the scan skips them. An id whose last
 record is a transient `io` error is scanned again, and its new record supersedes the old one.
 `force=True` starts over instead.
@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterable, Iterator
 
 from scanner.errors import LockedError, ScannerError
-from scanner.final_view import ResumeState, error_kind
-from scanner.idset import IdSet
-from scanner.results import SCHEMA_VERSION, dumps
+from scanner.scan.final_view import ResumeState, error_kind
+from scanner.scan.idset import IdSet
+from scanner.scan.results import SCHEMA_VERSION, dumps
 
 FORMATS = ("jsonl", "parquet")
 
@@ -127,7 +127,7 @@ def _check_compatible(path: str, record: dict, model_id: str | None) -> None:
 
 class ResultStore:
     """Where a scan's records go. Use as a context manager; `done` holds the ids to skip, `state` the
-    output's final view (scanner.final_view), kept up to date as records are written."""
+    output's final view (scanner.scan.final_view), kept up to date as records are written."""
 
     def __init__(self, path, *, fmt: str = "jsonl", force: bool = False, model_id: str | None = None,
                  fsync_interval: float = 5.0):
@@ -148,7 +148,7 @@ class ResultStore:
 
     def open(self) -> "ResultStore":
         if self.fmt == "parquet":
-            from scanner.parquet import require_pyarrow
+            from scanner.scan.parquet import require_pyarrow
 
             require_pyarrow()  # fail before the scan, not after it
         parent = os.path.dirname(self.path)
@@ -162,7 +162,7 @@ class ResultStore:
                         os.unlink(stale)
             self.state = ResumeState()
             if self.fmt == "parquet" and os.path.exists(self.path):
-                from scanner.parquet import read_parquet_state
+                from scanner.scan.parquet import read_parquet_state
 
                 read_parquet_state(self.path, self.model_id, self.state)  # older than the journal
             read_resume_state(self.journal, self.model_id, self.state)
@@ -204,7 +204,7 @@ class ResultStore:
             os.close(self._fd)
             self._fd = None
             if self.fmt == "parquet" and finalize:
-                from scanner.parquet import merge_journal
+                from scanner.scan.parquet import merge_journal
 
                 merge_journal(self.journal, self.path)
         finally:

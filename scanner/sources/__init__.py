@@ -11,10 +11,10 @@ import os
 from collections.abc import Iterator, Sequence
 
 from scanner.errors import ScannerError
-from scanner.retry import RetryPolicy
 from scanner.sources.archives import archive_kind, iter_tar, iter_zip
 from scanner.sources.directory import iter_directory
 from scanner.sources.item import MAX_ITEM_BYTES, Item, read_item
+from scanner.sources.retry import RetryPolicy
 from scanner.sources.listing import (
     STDIN,
     count_list_entries,

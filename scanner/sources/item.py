@@ -7,7 +7,7 @@ import stat
 from dataclasses import dataclass
 
 from scanner.errors import ItemError
-from scanner.retry import RetryPolicy, call_with_retries
+from scanner.sources.retry import RetryPolicy, call_with_retries
 from scanner.sources.sniff import HEAD_BYTES, looks_like_image
 
 MAX_ITEM_BYTES = 1 << 30  # an item is read whole; larger ones get a too_large record
@@ -35,7 +35,7 @@ class Item:
 def read_item(item: Item, max_bytes: int = MAX_ITEM_BYTES, retry: RetryPolicy | None = None) -> bytes | None:
     """The item's bytes, or None when it is not an image (neither its first bytes nor its name say so),
     which the scan skips without a record. Raises ItemError for items that cannot be read: reads that
-    may work later are retried first (`retry`, scanner.retry; default RetryPolicy())."""
+    may work later are retried first (`retry`, scanner.sources.retry; default RetryPolicy())."""
     retry = retry if retry is not None else RetryPolicy()
     if item.error is not None:
         raise ItemError(*item.error)

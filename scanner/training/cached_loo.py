@@ -2,7 +2,7 @@
 
     scanner eval --leave-one-out CONFIG --token-cache CACHE --data POOL [--data POOL ...] --out OUT
 
-For each fold of scanner.leave_one_out.fold_plan (one per generator, small ones grouped), the
+For each fold of scanner.training.leave_one_out.fold_plan (one per generator, small ones grouped), the
 recipe's trainable part (embedding, AFFM, head) is trained from scratch on the cached tokens of
 every image outside the fold (real-only sources: the recipe's training share), for the recipe's
 fixed epochs, and scores the fold's held-out images clean, after JPEG q75 and after a 0.5x
@@ -11,7 +11,7 @@ downscale. No choice is made on the held-out images.
 Out-of-fold (OOF) scores: each image of a fold's sources is scored by the model that did not see
 its generator; the held-out share of the real-only photos (never trained on in any fold) gets the
 mean logit of all folds. From them:
-- Platt calibration (scanner.calibration), and its expected calibration error measured across
+- Platt calibration (scanner.training.calibration), and its expected calibration error measured across
   folds (each fold's images calibrated by a fit on the other folds' OOF scores);
 - the threshold: the calibrated score at which at most `max_fpr` of the OOF real photos are
   flagged (0.5 when that already holds), and at it the false-positive rate of every real-photo
@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scanner.calibration import expected_calibration_error, fit_platt, platt, reliability_table
 from scanner.config import Config
-from scanner.data import Augment, find_samples, read_manifest, split_by_source
 from scanner.errors import ScannerError
-from scanner.leave_one_out import CONDITIONS, fold_plan
-from scanner.token_cache import TokenCache
-from scanner.token_training import logits_of, patch_columns, train_on_tokens
+from scanner.training.calibration import expected_calibration_error, fit_platt, platt, reliability_table
+from scanner.training.data import Augment, find_samples, read_manifest, split_by_source
+from scanner.training.leave_one_out import CONDITIONS, fold_plan
+from scanner.training.token_cache import TokenCache
+from scanner.training.token_training import logits_of, patch_columns, train_on_tokens
 
 # Sources whose fakes have real counterparts of the same content: their AP is free of the
 # "art means synthetic" shortcut the fake-only sources invite (data README), so it is reported apart.
@@ -57,7 +57,7 @@ def training_conditions(cache: TokenCache, cfg: Config) -> list[str]:
 def open_cache(cfg: Config, cache_dir, seed: int | None = None):
     """(model, cache): a detector of cfg.model, and the token cache of its trunk. A cache made with
     more picks per window than cfg.model serves it (patch_columns); its own model extracts."""
-    from scanner.model import Detector
+    from scanner.model.detector import Detector
 
     if seed is not None:
         torch.manual_seed(seed)  # an untrained trunk (tests) is then the same in every run: same cache
@@ -87,7 +87,7 @@ def run_fold(model, tokens, labels, train_idx, held_idx, train_conds, cfg, colum
 
 def cached_leave_one_out(cfg: Config, data_dirs, out_dir, cache_dir, *, folds: list[str] | None = None,
                          max_fpr: float = 0.05, bf16: bool = False, log=print) -> dict:
-    from scanner.evaluate import per_source_ap
+    from scanner.training.evaluate import per_source_ap
 
     out_dir = Path(out_dir)
     (out_dir / "folds").mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageFilter
 
-from scanner.decode import read_and_decode
+from scanner.decoding.decode import read_and_decode
 from scanner.errors import ScannerError
 
 LABEL_DIRS = {"0_real": 0, "1_fake": 1}

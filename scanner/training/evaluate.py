@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from scanner.data import ImageDataset, Sample, collate, find_samples, gaussian_blur, jpeg_compress, read_manifest
 from scanner.errors import ScannerError
-from scanner.metrics import accuracy, average_precision
+from scanner.training.data import ImageDataset, Sample, collate, find_samples, gaussian_blur, jpeg_compress, read_manifest
+from scanner.training.metrics import accuracy, average_precision
 
 BLUR_SIGMAS = (0, 1, 2, 3, 4)
 JPEG_QUALITIES = (100, 90, 80, 70, 60, 50, 40, 30)

@@ -2,12 +2,12 @@
 
 For each generator named in the data's MANIFEST.csv (the real-only photo sources name none), the
 training config's recipe is run with `val_sources` = that generator's sources, for its fixed number
-of epochs, into OUT/<generator>/ (resumable: scanner.train continues from its checkpoint). Then the
+of epochs, into OUT/<generator>/ (resumable: scanner.training.train continues from its checkpoint). Then the
 run's LAST weights score the held-out images: no choice (best epoch, threshold) is made on them.
 
 Held-out images are the generator's sources (fakes with their own reals) plus the share of the
 real-only sources that training never saw (train.real_only_val_share, split with the config's seed),
-which fake-only sources such as Stable Diffusion are scored against (scanner.evaluate's rule).
+which fake-only sources such as Stable Diffusion are scored against (scanner.training.evaluate's rule).
 Each is scored clean, after JPEG at quality 75, and after a 0.5x downscale. A generator's AP is the
 mean AP over its held-out sources; the summary is the mean over generators.
 """
@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from scanner.config import Config
-from scanner.data import find_samples, jpeg_compress, read_manifest, split_by_source
 from scanner.errors import ScannerError
+from scanner.training.data import find_samples, jpeg_compress, read_manifest, split_by_source
 
 
 def downscale(img: Image.Image, factor: float = 0.5) -> Image.Image:
@@ -88,7 +88,7 @@ def fold_config(cfg: Config, sources: list[str]) -> Config:
 def score_fold(model, held_out, generator_sources: list[str], *, batch_size: int = 32,
                max_images_per_source: int | None = None, num_workers: int = 0) -> dict:
     """Per-condition AP of each held-out source of the generator, and their mean."""
-    from scanner.evaluate import _subsample, per_source_ap, score_samples
+    from scanner.training.evaluate import _subsample, per_source_ap, score_samples
 
     samples = _subsample(held_out, max_images_per_source)
     labels = np.asarray([s.label for s in samples])
@@ -104,8 +104,8 @@ def score_fold(model, held_out, generator_sources: list[str], *, batch_size: int
 def run_fold(cfg: Config, data_dir, out_dir: Path, generator: str, sources: list[str], *,
              max_images_per_source: int | None = None, console=None) -> dict:
     """Train without `generator` (or resume/reuse that training) and score its held-out images."""
-    from scanner.train import train
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
+    from scanner.training.train import train
 
     fold = fold_config(cfg, sources)
     run_dir = out_dir / generator

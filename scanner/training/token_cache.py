@@ -5,7 +5,7 @@ PSM boxes picked from its feature map, and the vectors of the patches cropped th
 only changes what follows (embedding, AFFM, head: Detector.fuse). So the trunk runs once per image
 and condition (clean, JPEG q75, downscaled, augmented draws), its outputs are stored here, and
 training and leave-one-out folds run on them in seconds per epoch instead of an hour
-(scanner.token_training).
+(scanner.training.token_training).
 
 Layout: CACHE/<trunk key>/<condition>/shard-<n>.npz, each shard holding `paths` (n,), `tokens`
 float16 (n, K+1, C) with the K patch vectors first and the global vector last (the AFFM's token
@@ -31,10 +31,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from scanner.config import ModelConfig
-from scanner.crop_resize import crop_patches
-from scanner.data import Augment, ImageDataset, Sample, collate
 from scanner.errors import ScannerError
-from scanner.preprocess import global_views, image_sizes
+from scanner.model.crop_resize import crop_patches
+from scanner.model.preprocess import global_views, image_sizes
+from scanner.training.data import Augment, ImageDataset, Sample, collate
 
 SHARD_IMAGES = 256
 
@@ -91,7 +91,7 @@ class _AugmentedDraw(ImageDataset):
 
         from PIL import Image
 
-        from scanner.data import pil_to_tensor, read_and_decode
+        from scanner.training.data import pil_to_tensor, read_and_decode
 
         sample = self.samples[i]
         img = Image.fromarray(read_and_decode(sample.path).permute(1, 2, 0).numpy())
@@ -124,7 +124,7 @@ class TokenCache:
     def ensure(self, samples: list[Sample], condition: str, *, batch_size: int = 32, num_workers: int = 1,
                bf16: bool = False, log=None) -> None:
         """Extract what the cache lacks of `samples` under `condition`: a name of
-        scanner.leave_one_out.CONDITIONS ("clean", "jpeg75", "downscale0.5") or augmented_condition()."""
+        scanner.training.leave_one_out.CONDITIONS ("clean", "jpeg75", "downscale0.5") or augmented_condition()."""
         have = {str(p) for shard in self._shards(condition) for p in np.load(shard)["paths"]}
         todo = [s for s in samples if str(s.path) not in have]
         if not todo:
@@ -154,7 +154,7 @@ class TokenCache:
                     log(f"{condition}: {done}/{len(todo)} images through the trunk")
 
     def _dataset(self, samples: list[Sample], condition: str) -> ImageDataset:
-        from scanner.leave_one_out import CONDITIONS
+        from scanner.training.leave_one_out import CONDITIONS
 
         if condition in CONDITIONS:
             return ImageDataset(samples, transform=CONDITIONS[condition])

@@ -1,4 +1,4 @@
-"""Training the detector on cached trunk outputs (scanner.token_cache): embedding, AFFM and head only.
+"""Training the detector on cached trunk outputs (scanner.training.token_cache): embedding, AFFM and head only.
 
 The trunk is frozen, so a training step needs only each image's tokens: K patch vectors and the
 global vector. An epoch over 7,000 images then takes seconds on two cores, where running the
@@ -111,7 +111,7 @@ def train_from_cache(cfg, data_dirs, out_dir, cache_dir, *, name: str = "detecto
     cache lacks) and write OUT/detector.safetensors, config.yaml and history.json. Returns its path.
 
     No validation split and no early stop: the recipe's epochs are fixed, chosen by leave-one-out
-    (scanner.cached_loo), whose report's `calibration` (Platt a, b) and `threshold` ship with the
+    (scanner.training.cached_loo), whose report's `calibration` (Platt a, b) and `threshold` ship with the
     weights when given: the calibration folds into the head, the threshold becomes the model's.
     """
     import json
@@ -119,10 +119,10 @@ def train_from_cache(cfg, data_dirs, out_dir, cache_dir, *, name: str = "detecto
 
     import yaml
 
-    from scanner.cached_loo import load_tokens, open_cache, training_conditions
-    from scanner.calibration import fold_into_head
-    from scanner.data import find_samples
-    from scanner.weights import save_detector
+    from scanner.model.weights import save_detector
+    from scanner.training.cached_loo import load_tokens, open_cache, training_conditions
+    from scanner.training.calibration import fold_into_head
+    from scanner.training.data import find_samples
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

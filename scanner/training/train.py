@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from scanner.config import Config
-from scanner.data import Augment, ImageDataset, collate, find_samples, split_by_source
 from scanner.errors import ScannerError
-from scanner.evaluate import score_samples
-from scanner.metrics import accuracy, average_precision, eer_threshold
-from scanner.model import Detector
-from scanner.weights import save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import save_detector
+from scanner.training.data import Augment, ImageDataset, collate, find_samples, split_by_source
+from scanner.training.evaluate import score_samples
+from scanner.training.metrics import accuracy, average_precision, eer_threshold
 
 
 @dataclass
