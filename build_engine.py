@@ -1,4 +1,4 @@
-"""Checkpoint -> ONNX -> TensorRT engines, by a recipe (DESIGN.md section 3).
+"""Checkpoint -> ONNX -> TensorRT engines, by a recipe (docs/design.md, "Backends, export and kernels").
 
     python build_engine.py --model WEIGHTS.safetensors --recipe engines/lite0_fp16.yaml --out engines/
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every GPU check of ../shared/GPU.md in one call on a CUDA machine (run from the repository root):
+# Every GPU check in one call on a CUDA machine (docs/design.md, section 7; run from the repository root):
 #   bash bench/gpu_checks.sh                   (all steps; outputs under $OUT, or ./gpu_checks_out)
 #   STEPS="pytest bench" TESTS=tests/test_kernels.py bash bench/gpu_checks.sh   (some steps: pytest sanitizer
 #   kernels shapes scan loaders bench; TESTS narrows pytest)

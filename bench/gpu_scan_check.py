@@ -77,7 +77,7 @@ def run_scan(folder: Path, out: Path, gpu: bool, batch: int, loader: str = "cpu"
 
 
 def compare(gpu_out: Path, cpu_out: Path) -> dict:
-    from scanner.scan.store import iter_records
+    from scanner.scan.results import iter_records
 
     def load(path):
         return {r["id"]: r for r in iter_records(path)}

@@ -1,6 +1,6 @@
 """Where a trained detector loses a held-out generator: probes before and after its embedding (issue 7).
 
-    python research/embedding_probe.py --data ../shared/data/dev --model runs/loo_mid_b4/stylegan2/last.safetensors \
+    python research/embedding_probe.py --data DATA_DIR/dev --model runs/loo_mid_b4/stylegan2/last.safetensors \
         --generator stylegan2
 
 For a leave-one-out fold's weights, scores the held-out generator (mean AP over its sources, each

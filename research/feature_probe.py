@@ -1,6 +1,6 @@
 """Leave-one-generator-out linear probes on frozen ImageNet EfficientNet-Lite0 features (issue 7).
 
-    python research/feature_probe.py --data ../shared/data/dev --work runs/probe --json docs/feature_probe_lite0.json
+    python research/feature_probe.py --data DATA_DIR/dev --work runs/probe --json docs/feature_probe_lite0.json
 
 Asks what the backbone's features can tell apart on a generator never seen, before any training
 recipe is tried: each image's global view (224x224, bilinear) goes through the pretrained Lite0 once

@@ -1,6 +1,6 @@
 """Fast leave-one-generator-out screen of the trained layers on a frozen trunk (issue 7).
 
-    python research/token_probe.py --data ../shared/data/dev --config configs/experiments/mid_b4.yaml \
+    python research/token_probe.py --data DATA_DIR/dev --config configs/experiments/mid_b4.yaml \
         --work runs/probe --json docs/token_probe_mid_b4.json
 
 When the whole trunk is frozen (the block-4 config), what the detector's trained layers read is

@@ -1,6 +1,6 @@
 """Which views keep the mid-level cue: linear probes on block-4 features per view (issue 7).
 
-    python research/view_probe.py --data ../shared/data/dev --work runs/probe
+    python research/view_probe.py --data DATA_DIR/dev --work runs/probe
 
 The detector sees each image three ways: the global view (the whole image resized to 224), 224-pixel
 patches and 112-pixel patches resized up to 224. This probe takes the frozen ImageNet Lite0 trunk cut

@@ -55,7 +55,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.version_option(package_name="scanner")
+@click.version_option(package_name="glff-scanner")
 def main():
     """Tell AI-synthesized images (GANs, diffusion, face swaps) from real photographs."""
 
@@ -108,11 +108,11 @@ def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
               help="Results file; rerunning with the same file resumes (skips ids already in it). With --ray: "
                    "a directory of parts plus manifest.json (one file: `scanner merge DIR --out FILE`).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="Scan on a Ray cluster (pip install 'scanner[dist]'): no value starts a local Ray, `auto` attaches "
+              help="Scan on a Ray cluster (pip install 'glff-scanner[dist]'): no value starts a local Ray, `auto` attaches "
                    "to the cluster of this node, ray://HOST:10001 connects a client. See README, 'Scaling out'.")
 @click.option("--from-list", "from_list", default=None, help="A file of paths or URLs to scan, one per line ('-': stdin).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
-              help="Output format (parquet needs pyarrow: pip install 'scanner[parquet]').")
+              help="Output format (parquet needs pyarrow: pip install 'glff-scanner[parquet]').")
 @click.option("--force", is_flag=True, help="Start over: discard the existing output instead of resuming.")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Detector weights (.safetensors; for --backend onnxruntime also a `scanner export` folder); "
@@ -124,12 +124,12 @@ def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="Inference backend; auto: tensorrt with a GPU and built engines, else torch on "
               "the GPU, else the faster CPU backend as measured (onnxruntime, about 3x torch, when installed: "
-              "pip install 'scanner[onnx]'; its first run exports the model once, about a minute).")
+              "pip install 'glff-scanner[onnx]'; its first run exports the model once, about a minute).")
 @click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None,
               help="TensorRT engines (folder from build_engine.py), for the tensorrt backend.")
 @click.option("--loader", type=click.Choice(["auto", "cpu", "dali", "nvjpeg"]), default="auto", show_default=True,
               help="Image decoding; dali: JPEGs decoded in batches by NVIDIA DALI (nvJPEG on a GPU; CPU mode "
-              "without one), other formats on the CPU (pip install 'scanner[dali]'); cpu: decode threads "
+              "without one), other formats on the CPU (pip install 'glff-scanner[dali]'); cpu: decode threads "
               "(--workers); nvjpeg: JPEGs decoded in batches on the GPU by torchvision's nvJPEG, for GPUs without DALI; "
               "auto: when the model runs on a CUDA GPU, dali if installed, else nvjpeg; on the CPU, cpu.")
 @click.option("--threshold", type=float, default=None,
@@ -297,7 +297,7 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="The single results file: JSONL, or Parquet when it ends in .parquet or with --format parquet.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default=None,
-              help="Output format (default: from the --out suffix; parquet needs pip install 'scanner[parquet]').")
+              help="Output format (default: from the --out suffix; parquet needs pip install 'glff-scanner[parquet]').")
 def merge(out_dir, out, fmt):
     """Merge the parts of a distributed scan (`scanner run --ray ... --out OUT_DIR`) into one file, each id
     once (its last record: a rerun's record supersedes an earlier transient error), streamed."""

@@ -17,7 +17,7 @@ PATCH_STRATEGIES = ("psm", "random", "five_crop")
 
 @dataclass
 class ModelConfig:
-    """The detector of the paper (DESIGN.md section 1)."""
+    """The detector of the paper (docs/design.md, "The model")."""
 
     backbone: str = "resnet50"
     # Optional torchvision-format state dict for the resnet50 trunk (random init when None).

@@ -109,7 +109,7 @@ def test_unknown_backend_is_a_user_error():
 def test_missing_onnxruntime_says_how_to_install(monkeypatch):
     monkeypatch.setattr(backends, "_cuda", lambda: False)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
-    with pytest.raises(ScannerError, match=r"pip install 'scanner\[onnx\]'"):
+    with pytest.raises(ScannerError, match=r"pip install 'glff-scanner\[onnx\]'"):
         load_backend("onnxruntime", tiny_weights())
     assert "onnxruntime" not in available_backends()
     assert resolve_auto() == "torch"

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'scanner[dali]')")
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'glff-scanner[dali]')")
 
 import scanner.decoding.loaders as loaders  # noqa: E402
 from scanner.config import ModelConfig  # noqa: E402
@@ -335,12 +335,12 @@ def test_dali_not_installed_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(loaders, "dali_installed", lambda: False)
     monkeypatch.setattr(loaders, "cuda_available", lambda: True)
     assert loaders.resolve_loader("auto") == "nvjpeg"  # the GPU decoder without DALI
-    with pytest.raises(ScannerError, match=r"pip install 'scanner\[dali\]'"):
+    with pytest.raises(ScannerError, match=r"pip install 'glff-scanner\[dali\]'"):
         loaders.resolve_loader("dali")
     (tmp_path / "in").mkdir()
     result = CliRunner().invoke(cli.main, ["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.jsonl"),
                                            "--loader", "dali"])
-    assert result.exit_code == 2 and "pip install 'scanner[dali]'" in result.output
+    assert result.exit_code == 2 and "pip install 'glff-scanner[dali]'" in result.output
 
 
 def test_importing_the_scanner_does_not_import_dali():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'scanner[dist]')")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'glff-scanner[dist]')")
 
 import ray  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
@@ -29,7 +29,7 @@ from scanner.errors import LockedError, ScannerError  # noqa: E402
 from scanner.model.detector import Detector  # noqa: E402
 from scanner.model.weights import load_detector, save_detector  # noqa: E402
 from scanner.scan.pipeline import ScanOptions, scan  # noqa: E402
-from scanner.scan.store import iter_records  # noqa: E402
+from scanner.scan.results import iter_records  # noqa: E402
 from tests.test_decode import encode, gradient  # noqa: E402
 
 PART_SIZE = 8

@@ -8,8 +8,8 @@ import pytest
 from scanner.distributed.parts import PartDir, merge_parts
 from scanner.reports.report import read_stats
 from scanner.scan.final_view import FinalFilter, ResumeState
-from scanner.scan.results import dumps, error_record, result_record
-from scanner.scan.store import ResultStore, iter_records
+from scanner.scan.results import dumps, error_record, iter_records, result_record
+from scanner.scan.store import ResultStore
 
 MODEL = "m@1"
 

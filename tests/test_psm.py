@@ -1,4 +1,5 @@
-"""PSM (scanner.model.psm) against a plain transcription of the official algorithm (DESIGN.md section 1, step 2).
+"""PSM (scanner.model.psm) against a plain transcription of the official algorithm
+(docs/design.md, "The model", step 2).
 
 The reference below is deliberately naive: Python loops and Python floats (float64), no torch. It
 defines the expected boxes; scanner.model.psm.psm_boxes must reproduce them exactly (integer boxes equal).

@@ -12,8 +12,8 @@ import textwrap
 import pytest
 
 from scanner.errors import LockedError, ScannerError
-from scanner.scan.results import dumps, error_record, result_record
-from scanner.scan.store import OutputLock, ResultStore, iter_records, read_resume_state
+from scanner.scan.results import dumps, error_record, iter_records, result_record
+from scanner.scan.store import OutputLock, ResultStore, read_resume_state
 
 
 def holds(done, ids) -> bool:

@@ -1,14 +1,14 @@
 """TensorRT engines: recipes, provenance sidecars, INT8 calibration data and the build.
 
-The model is served as two graphs (DESIGN.md section 2), exported by `scanner.backends.export`:
+The model is served as two graphs (docs/design.md, section 3), exported by `scanner.backends.export`:
 
     global.onnx        images (B, 3, 224, 224) in [0, 1]        -> fmap (B, C, 7, 7), g (B, D)
     local_fuser.onnx   patches (B, K, 3, 224, 224) in [0, 1], g  -> logits (B,)
 
 with `export.json` beside them (weights_sha256, model_id, opset, config). A recipe (YAML, see
 engines/*.yaml) says how to compile them; `build_engines` writes `NAME.global.engine` and
-`NAME.local.engine`, each with a sidecar `X.engine.json` that records its provenance (DESIGN.md
-section 4, rule 6). `check_sidecar` refuses an engine built for another TensorRT, GPU, ONNX export
+`NAME.local.engine`, each with a sidecar `X.engine.json` that records its provenance (docs/design.md,
+"Conventions", rule 6). `check_sidecar` refuses an engine built for another TensorRT, GPU, ONNX export
 or set of weights, with the command that rebuilds it.
 
 Everything TensorRT-specific is in the `_trt_*` functions, which import tensorrt lazily and follow

@@ -6,7 +6,7 @@
 
 S is the config's input_size (224), K the patch count (6 for PSM). The batch axis is dynamic and
 named `B` on every input and output; every other axis is fixed. The backbone's own normalisation is
-inside the graphs. PSM and crop-resize run between the graphs (DESIGN.md section 2). These names and
+inside the graphs. PSM and crop-resize run between the graphs (docs/design.md, section 3). These names and
 shapes are the contract the onnxruntime and tensorrt backends (scanner.backends.engines) are written against.
 `export.json` beside the graphs records the provenance (weights sha256, model id, config, opset,
 versions, shapes).
@@ -357,7 +357,7 @@ def verify_onnx(export_dir, model: nn.Module, batch: int = 3, seed: int = 0, thr
     The local graph gets PyTorch's g for the same random images, so each graph is checked alone.
     Returns max |diff| per output and batch, each against its tolerance (TOLERANCES).
     """
-    from scanner.backends.onnxruntime_backend import ort_session
+    from scanner.backends.ort import ort_session
 
     folder = Path(export_dir)
     meta = read_export(folder)

@@ -3,7 +3,7 @@
     images (uint8) -> global_views -> global.onnx -> fmap, g -> PSM (scanner.model.patches) -> boxes
         -> crop_resize / 255 -> patches -> local_fuser.onnx (patches, g) -> logits
 
-Same function as the torch Detector (DESIGN.md section 2); the parity tests hold it to that. Given
+Same function as the torch Detector (docs/design.md, section 3); the parity tests hold it to that. Given
 weights (.safetensors), the model is exported once into a cache folder keyed by the weights sha256
 and reused afterwards; given an export folder (with export.json), it runs from that alone.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from scanner.backends.ort import INSTALL_HINT, import_onnxruntime, ort_session
 from scanner.errors import ScannerError
 from scanner.model.crop_resize import crop_patches
 from scanner.model.detector import DetectorOutput
@@ -27,29 +28,6 @@ from scanner.model.weights import ModelInfo
 from scanner.stages import stage
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = "pip install 'scanner[onnx]'"
-
-
-def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ScannerError(f"the onnxruntime backend needs the onnxruntime package, which is not installed; "
-                           f"run: {INSTALL_HINT} (or use --backend torch)") from None
-    return onnxruntime
-
-
-def ort_session(path, threads: int | None = None):
-    """A CPU InferenceSession: `threads` intra-op threads (default: torch's count), one inter-op thread
-    (the graphs are one chain of convolutions: nothing to run side by side), all graph optimisations."""
-    ort = import_onnxruntime()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxRuntimeDetector:

@@ -97,7 +97,7 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float] | None:
 
 def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOptions) -> dict:
     from scanner.scan.pipeline import ScanOptions, scan
-    from scanner.scan.store import iter_records
+    from scanner.scan.results import iter_records
 
     options = ScanOptions(batch_size=batch, workers=opts.workers, force=True, loader=opts.loader,
                           fsync_interval=3600.0)

@@ -3,7 +3,7 @@
 `decode(data)` returns a `Decoded` (image, original width/height, downscaled flag); `decode_image`
 and `read_and_decode` are the tensor-only shorthands that training and evaluation use.
 
-Two implementations of one function (DESIGN.md section 4, rules 1-2):
+Two implementations of one function (docs/design.md, "Conventions", rules 1-2):
 
 - **Pillow**, the reference, reads every format Pillow knows (HEIC/HEIF too when pillow-heif is
   installed): EXIF orientation applied; grey, palette, RGBA, CMYK and 16-bit converted to RGB, alpha
@@ -77,7 +77,7 @@ try:  # HEIC/HEIF through Pillow when the optional plugin is installed
 except ImportError:
     HEIF_PLUGIN = False
 
-HEIF_INSTALL = "pip install 'scanner[heif]'"
+HEIF_INSTALL = "pip install 'glff-scanner[heif]'"
 # ISO-BMFF brands of HEVC-coded HEIF (Pillow reads AVIF itself; only these need pillow-heif).
 _HEVC_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
 

@@ -1,4 +1,4 @@
-"""Loaders: how the scan turns encoded bytes into images (DESIGN.md section 2, "Decode").
+"""Loaders: how the scan turns encoded bytes into images (docs/design.md, "A scan, step by step").
 
     cpu   the decode workers read, hash and decode every file (scanner.decoding.decode: torchvision.io for
           plain JPEG/WebP, Pillow for the rest). The reference, and the default without a GPU.
@@ -11,7 +11,8 @@
 `resolve_loader("auto", device)` decodes on the GPU only when the model computes on one: dali when
 `nvidia.dali` is importable, else nvjpeg (a GPU scan is bound by CPU decoding: on an H100 with 16
 cores, nvjpeg scanned 533 img/s where the CPU loader scanned 272, docs/benchmarks.md). On the CPU,
-DALI decodes at about half torchvision's speed (shared/FACTS.md), so auto never picks it there.
+DALI decodes at about half torchvision's speed (256x256 JPEGs, one thread on a 2-core build machine:
+DALI about 700 images/s, torchvision about 1,500), so auto never picks it there.
 `dali` without a GPU is honoured: DALI runs in CPU mode (logged), which computes the same pixels and
 is what the parity tests use. nvidia.dali is never imported here (importing scanner, `scanner --help`
 and the CPU tests must not need it).
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 LOADERS = ("cpu", "dali", "nvjpeg")
 CHOICES = ("auto", *LOADERS)
-INSTALL_HINT = "pip install 'scanner[dali]'"
+INSTALL_HINT = "pip install 'glff-scanner[dali]'"
 
 
 def dali_installed() -> bool:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from scanner.errors import ScannerError
 from scanner.scan.final_view import FinalFilter, ResumeState
 from scanner.scan.idset import IdSet
-from scanner.scan.results import SCHEMA_VERSION, dumps
-from scanner.scan.store import OutputLock, iter_records, read_resume_state
+from scanner.scan.results import SCHEMA_VERSION, dumps, iter_records
+from scanner.scan.store import OutputLock, read_resume_state
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "scanner-parts/1"

@@ -1,4 +1,4 @@
-"""`scanner run --ray`: the same scan as a Ray Data pipeline over a cluster (DESIGN.md section 2).
+"""`scanner run --ray`: the same scan as a Ray Data pipeline over a cluster (docs/design.md, "Scale-out").
 
     driver: iter_sources -> resume/dedupe (IdSet) -> chunks of items -> ray.put -> bounded queue
     Ray:    read (queue -> blocks) -> map_batches(_Infer, actor pool): prepare() on a thread pool,
@@ -28,7 +28,7 @@ Where bytes are read: archives (tar/zip members) are read on the driver and trav
 inputs must be on a filesystem every node mounts at the same path (or be URLs). Records come back to
 the driver, which alone writes the output directory: parts appear only while it holds the lock.
 
-Ray is imported lazily: importing scanner never needs it (`pip install 'scanner[dist]'`). Torch is
+Ray is imported lazily: importing scanner never needs it (`pip install 'glff-scanner[dist]'`). Torch is
 imported lazily too, so the read task and the queue actor start in a fraction of a second.
 """
 
@@ -79,7 +79,7 @@ def require_ray():
         import ray.data  # noqa: F401
     except ImportError:
         raise MissingPackageError("the distributed scan (--ray) needs Ray Data, which is not installed: "
-                           "pip install 'scanner[dist]'") from None
+                                  "pip install 'glff-scanner[dist]'") from None
     return ray
 
 

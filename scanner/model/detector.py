@@ -1,7 +1,13 @@
-"""The detector: global branch, patch selection, local branch, AFFM, one logit (DESIGN.md section 1)."""
+"""The detector: global branch, patch selection, local branch, AFFM, one logit (docs/design.md, "The model").
+
+The model knows nothing of what runs it. Its forward pass is four named steps (global, psm,
+crop_resize, local); whoever runs it may time them by setting `step_timer` (the torch backend sets
+the scan's stage timer, scanner.stages.stage, so that `scanner bench` reports each step's time).
+"""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +19,6 @@ from scanner.model.crop_resize import crop_patches
 from scanner.model.fusion import AFFM
 from scanner.model.patches import PatchSelector
 from scanner.model.preprocess import global_views, image_sizes
-from scanner.stages import stage
 
 
 @dataclass
@@ -25,6 +30,10 @@ class DetectorOutput:
 
 
 class Detector(nn.Module):
+    # Times forward's steps: step_timer(name, device) -> a context manager around the step, or None
+    # (untimed). Set by the runner that owns the model (scanner.backends.torch_cpu); not a weight.
+    step_timer = None
+
     def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         cfg.validate()
@@ -77,6 +86,7 @@ class Detector(nn.Module):
     def forward(self, images: list[torch.Tensor], need_weights: bool = False) -> DetectorOutput:
         """images: list of uint8 (3, H_i, W_i) full-resolution images."""
         device = self.head.weight.device
+        stage = self.step_timer or _untimed
         with stage("global", device):
             views = global_views(images, self.cfg.input_size).to(device)
             fmap, g = self.global_branch(views)
@@ -87,3 +97,7 @@ class Detector(nn.Module):
         with stage("local", device):
             logits, weights = self.local_fusion(patches.to(g.device), g, need_weights)
         return DetectorOutput(logits=logits, boxes=boxes.cpu(), fmap=fmap, attention=weights if need_weights else None)
+
+
+def _untimed(name: str, device=None):
+    return nullcontext()

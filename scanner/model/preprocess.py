@@ -2,7 +2,7 @@
 
 The global view is the image's central square (side min(H, W)) resized to 224x224. This equals
 "resize the shorter side to 224, centre-crop 224" and is exactly the square that PSM maps back
-through (DESIGN.md section 1, step 2).
+through (docs/design.md, "The model", step 2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Patch Selection Module: the pure-PyTorch reference (DESIGN.md section 1, step 2).
+"""Patch Selection Module: the pure-PyTorch reference (docs/design.md, "The model", step 2).
 
 Vectorised over the batch; the only loop is over the fixed number of greedy picks, which are
 sequential by definition. Tie rule: among equal window scores the first in row-major order wins

@@ -149,5 +149,5 @@ def load_detector(path=None, device="cpu"):
         raise ScannerError(
             f"{str(info.path)!r} does not match its own config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    # channels_last: measured 1.3-1.7x faster on the CPU for these backbones (../shared/FACTS.md); same function.
+    # channels_last: measured 1.3-1.7x faster on a 2-core CPU for the CNN backbones (batch 16); same function.
     return model.to(device).eval().to_channels_last(), info

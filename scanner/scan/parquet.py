@@ -12,7 +12,7 @@ import os
 
 from scanner.errors import MissingPackageError, ScannerError
 from scanner.scan.final_view import FinalFilter, ResumeState
-from scanner.scan.results import KEYS
+from scanner.scan.results import KEYS, iter_records
 
 ROWS_PER_GROUP = 65536
 
@@ -22,7 +22,7 @@ def require_pyarrow():
         import pyarrow  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise MissingPackageError("--format parquet needs pyarrow: pip install 'scanner[parquet]'") from None
+        raise MissingPackageError("--format parquet needs pyarrow: pip install 'glff-scanner[parquet]'") from None
     return pyarrow
 
 
@@ -124,8 +124,6 @@ def _write_merged(journal: str, path: str, tmp: str, schema, hint: str) -> None:
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from scanner.scan.store import iter_records
 
     # The old rows, then the journal (its records are the later ones); pass 1 reads only the ids.
     old_ids = (i for batch in _parquet_batches(path, ["id"]) for i in batch.column("id").to_pylist())

@@ -1,4 +1,4 @@
-"""`scanner run`: the production scan (DESIGN.md section 2).
+"""`scanner run`: the production scan (docs/design.md, "A scan, step by step").
 
     enumerate (thread) -> read + sha256 + decode (pool of threads) -> batches -> model (this thread)
                                                                              -> write (thread)

@@ -98,9 +98,9 @@ def check_optional_packages(inputs: Sequence[str], from_list: str | None = None,
 
         problems.append(f"HEIC/HEIF images need pillow-heif: {HEIF_INSTALL}")
     if fmt == "parquet" and not _installed("pyarrow.parquet"):
-        problems.append("--format parquet needs pyarrow: pip install 'scanner[parquet]'")
+        problems.append("--format parquet needs pyarrow: pip install 'glff-scanner[parquet]'")
     if ray and not _installed("ray.data"):
-        problems.append("the distributed scan (--ray) needs Ray Data: pip install 'scanner[dist]'")
+        problems.append("the distributed scan (--ray) needs Ray Data: pip install 'glff-scanner[dist]'")
     if loader == "dali":
         from scanner.decoding.loaders import INSTALL_HINT, dali_installed
 

@@ -1,4 +1,4 @@
-"""Results: one JSON object per line (DESIGN.md section 2, "Results").
+"""Results: one JSON object per line (docs/design.md, "Outputs and resume").
 
 Schema version 1 (README.md, "Results"). Every record has exactly these keys, in this order:
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 SYNTHETIC = "synthetic"
@@ -71,3 +72,11 @@ def error_record(id, sha256, kind, message, model_id, *, width=None, height=None
 def dumps(record: dict[str, Any]) -> str:
     """One line of JSON. ASCII-escaped, so file names that are not valid UTF-8 still round-trip."""
     return json.dumps(record, ensure_ascii=True, allow_nan=False, separators=(", ", ": "))
+
+
+def iter_records(path) -> Iterator[dict]:
+    """The records of a JSONL output, in order (whole lines only)."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.endswith(b"\n"):
+                yield json.loads(line)

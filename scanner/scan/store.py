@@ -20,7 +20,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from scanner.errors import LockedError, ScannerError
 from scanner.scan.final_view import ResumeState, error_kind
@@ -217,10 +217,3 @@ class ResultStore:
         # A failed run keeps its Parquet journal (nothing is lost; the next run resumes from it).
         self.close(finalize=exc_type is None)
 
-
-def iter_records(path) -> Iterator[dict]:
-    """The records of a JSONL output, in order (whole lines only)."""
-    with open(path, "rb") as fh:
-        for line in fh:
-            if line.endswith(b"\n"):
-                yield json.loads(line)

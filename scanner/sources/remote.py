@@ -29,7 +29,7 @@ from scanner.sources.sniff import HEAD_BYTES, looks_like_image
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _HTTP = ("http", "https")
-INSTALL = "pip install 'scanner[remote]'"
+INSTALL = "pip install 'glff-scanner[remote]'"
 
 
 def url_scheme(s: str) -> str | None:

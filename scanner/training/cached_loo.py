@@ -22,7 +22,6 @@ reuses the folds already done).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -32,49 +31,20 @@ import torch
 from scanner.config import Config
 from scanner.errors import ScannerError
 from scanner.training.calibration import expected_calibration_error, fit_platt, platt, reliability_table
-from scanner.training.data import Augment, find_samples, read_manifest, split_by_source
+from scanner.training.data import find_samples, read_manifest, split_by_source
 from scanner.training.leave_one_out import CONDITIONS, fold_plan
-from scanner.training.token_cache import TokenCache
-from scanner.training.token_training import logits_of, patch_columns, train_on_tokens
+from scanner.training.token_training import (
+    load_tokens,
+    logits_of,
+    open_cache,
+    patch_columns,
+    train_on_tokens,
+    training_conditions,
+)
 
 # Sources whose fakes have real counterparts of the same content: their AP is free of the
 # "art means synthetic" shortcut the fake-only sources invite (data README), so it is reported apart.
 CONTENT_PAIRED_PREFIXES = ("pix2pix_", "cyclegan_", "stylegan2_faces")
-
-
-def training_conditions(cache: TokenCache, cfg: Config) -> list[str]:
-    """clean, the recipe's fixed cached conditions, then its cached augmented draws."""
-    tc = cfg.train
-    unknown = [c for c in tc.cached_conditions if c not in CONDITIONS or c == "clean"]
-    if unknown:
-        raise ScannerError(f"train.cached_conditions: unknown {', '.join(unknown)}; "
-                           f"expected some of {', '.join(c for c in CONDITIONS if c != 'clean')}")
-    augment = Augment(tc.blur_prob, tc.blur_sigma_max, tc.jpeg_prob, tuple(tc.jpeg_quality), tc.hflip,
-                      tc.resize_prob, tuple(tc.resize_range))
-    return ["clean", *tc.cached_conditions] + [cache.augmented(augment, draw) for draw in range(tc.cached_draws)]
-
-
-def open_cache(cfg: Config, cache_dir, seed: int | None = None):
-    """(model, cache): a detector of cfg.model, and the token cache of its trunk. A cache made with
-    more picks per window than cfg.model serves it (patch_columns); its own model extracts."""
-    from scanner.model.detector import Detector
-
-    if seed is not None:
-        torch.manual_seed(seed)  # an untrained trunk (tests) is then the same in every run: same cache
-    model = Detector(cfg.model, seed=seed)
-    cache = TokenCache(cache_dir, model)
-    if cache.exists() and cache.made_with().picks_per_window != cfg.model.picks_per_window:
-        made = dataclasses.replace(cache.made_with(), pretrained=cfg.model.pretrained)
-        extractor = Detector(made, seed=seed)
-        extractor.load_state_dict(model.state_dict(), strict=False)
-        cache = TokenCache(cache_dir, extractor)
-    return model, cache
-
-
-def load_tokens(cache: TokenCache, samples, conditions: list[str], *, bf16: bool, log) -> dict[str, torch.Tensor]:
-    for cond in conditions:
-        cache.ensure(samples, cond, bf16=bf16, log=log)
-    return {cond: cache.load(samples, cond)[0] for cond in conditions}
 
 
 def run_fold(model, tokens, labels, train_idx, held_idx, train_conds, cfg, columns, log) -> dict[str, np.ndarray]:

@@ -287,7 +287,7 @@ def evaluate(
         "global_ap": base["global_ap"],
         "accuracy": base["accuracy"],
         "notes": notes,
-        # The effective config beside every output (DESIGN.md section 4.5).
+        # The effective config beside every output (docs/design.md, "Conventions", rule 5).
         "config": {
             "model": dataclasses.asdict(info.config),
             "evaluate": {"batch_size": batch_size, "threshold": threshold, "robustness": robustness,

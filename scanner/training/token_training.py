@@ -11,13 +11,18 @@ tokens; every epoch each image takes the clean tokens or one of its draws, unifo
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
 import numpy as np
 import torch
 
-from scanner.config import ModelConfig, TrainConfig
+from scanner.config import Config, ModelConfig, TrainConfig
+from scanner.errors import ScannerError
+from scanner.training.data import Augment
+from scanner.training.leave_one_out import CONDITIONS
+from scanner.training.token_cache import TokenCache
 
 
 def patch_columns(cache_cfg: ModelConfig, cfg: ModelConfig) -> list[int]:
@@ -105,6 +110,41 @@ def train_on_tokens(model, conditions: list[torch.Tensor], labels: torch.Tensor,
     return history
 
 
+def training_conditions(cache: TokenCache, cfg: Config) -> list[str]:
+    """clean, the recipe's fixed cached conditions, then its cached augmented draws."""
+    tc = cfg.train
+    unknown = [c for c in tc.cached_conditions if c not in CONDITIONS or c == "clean"]
+    if unknown:
+        raise ScannerError(f"train.cached_conditions: unknown {', '.join(unknown)}; "
+                           f"expected some of {', '.join(c for c in CONDITIONS if c != 'clean')}")
+    augment = Augment(tc.blur_prob, tc.blur_sigma_max, tc.jpeg_prob, tuple(tc.jpeg_quality), tc.hflip,
+                      tc.resize_prob, tuple(tc.resize_range))
+    return ["clean", *tc.cached_conditions] + [cache.augmented(augment, draw) for draw in range(tc.cached_draws)]
+
+
+def open_cache(cfg: Config, cache_dir, seed: int | None = None):
+    """(model, cache): a detector of cfg.model, and the token cache of its trunk. A cache made with
+    more picks per window than cfg.model serves it (patch_columns); its own model extracts."""
+    from scanner.model.detector import Detector
+
+    if seed is not None:
+        torch.manual_seed(seed)  # an untrained trunk (tests) is then the same in every run: same cache
+    model = Detector(cfg.model, seed=seed)
+    cache = TokenCache(cache_dir, model)
+    if cache.exists() and cache.made_with().picks_per_window != cfg.model.picks_per_window:
+        made = dataclasses.replace(cache.made_with(), pretrained=cfg.model.pretrained)
+        extractor = Detector(made, seed=seed)
+        extractor.load_state_dict(model.state_dict(), strict=False)
+        cache = TokenCache(cache_dir, extractor)
+    return model, cache
+
+
+def load_tokens(cache: TokenCache, samples, conditions: list[str], *, bf16: bool, log) -> dict[str, torch.Tensor]:
+    for cond in conditions:
+        cache.ensure(samples, cond, bf16=bf16, log=log)
+    return {cond: cache.load(samples, cond)[0] for cond in conditions}
+
+
 def train_from_cache(cfg, data_dirs, out_dir, cache_dir, *, name: str = "detector", calibration: dict | None = None,
                      bf16: bool = False, log=print):
     """Train the recipe on every image of `data_dirs` from cached trunk outputs (extracting what the
@@ -120,7 +160,6 @@ def train_from_cache(cfg, data_dirs, out_dir, cache_dir, *, name: str = "detecto
     import yaml
 
     from scanner.model.weights import save_detector
-    from scanner.training.cached_loo import load_tokens, open_cache, training_conditions
     from scanner.training.calibration import fold_into_head
     from scanner.training.data import find_samples
 
