@@ -1,5 +1,8 @@
 """CUDA kernels for the serving path: PSM (psm.cu) and ragged crop-resize (crop_resize.cu).
 
+Imported as scanner.kernels: this folder stays at the top of the repository, scanner/kernels links to
+it, and it installs as scanner/kernels (docs/design.md, "Backends, export and kernels").
+
 Each computes the same function as its pure-PyTorch reference (scanner/model/psm.py, scanner/model/crop_resize.py);
 the headers of the .cu files say exactly how, and tests/test_kernels.py checks it.
 

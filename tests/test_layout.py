@@ -170,6 +170,15 @@ def test_nothing_points_outside_the_repository():
     assert not bad, "references to files outside the repository:\n" + "\n".join(bad)
 
 
+def test_references_to_docs_design_name_its_sections():
+    headings = set(re.findall(r"^## \d+\. (.+)$", (ROOT / "docs" / "design.md").read_text(), re.M))
+    cited = set()
+    for path in _tracked_files():
+        if path.suffix in (".py", ".md", ".sh", ".yaml", ".cu") and not path.is_symlink():
+            cited |= set(re.findall(r'docs/design\.md,\s+"([^"]+)"', path.read_text(encoding="utf-8")))
+    assert cited and cited <= headings, sorted(cited - headings)
+
+
 def test_docs_design_shows_every_package():
     design = (ROOT / "docs" / "design.md").read_text()
     for package in PACKAGE.iterdir():
