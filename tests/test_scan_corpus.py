@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import scanner.sources.item as item_module
+import scanner.sources.read as read_module
 from scanner.config import ModelConfig
 from scanner.decoding.decode import decode_pillow
 from scanner.model.detector import Detector
@@ -52,7 +52,7 @@ def refuse_unreadable(monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(item_module, "open", guarded_open, raising=False)
+    monkeypatch.setattr(read_module, "open", guarded_open, raising=False)
 
 
 def read_records(path: Path) -> list[dict]:
