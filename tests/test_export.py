@@ -16,8 +16,6 @@ import torch
 from click.testing import CliRunner
 
 from scanner import cli
-from scanner.config import ModelConfig
-from scanner.errors import ScannerError
 from scanner.backends.export import (
     BATCH_AXIS,
     DEFAULT_OPSET,
@@ -27,6 +25,8 @@ from scanner.backends.export import (
     read_export,
     verify_onnx,
 )
+from scanner.config import ModelConfig
+from scanner.errors import ScannerError
 from scanner.model.detector import Detector
 from scanner.model.weights import load_detector, save_detector
 

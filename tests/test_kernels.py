@@ -29,7 +29,6 @@ import pytest
 import torch
 
 from scanner import kernels
-from scanner.kernels import build
 from scanner.backends.torch_cuda import (
     TorchCudaRunner,
     device_views,
@@ -42,6 +41,7 @@ from scanner.backends.torch_cuda import (
 )
 from scanner.config import ModelConfig
 from scanner.errors import ScannerError
+from scanner.kernels import build
 from scanner.model.crop_resize import crop_resize
 from scanner.model.detector import Detector
 from scanner.model.psm import psm_boxes

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from scanner.config import ModelConfig
 from scanner.backends.engines import (
     Sidecar,
     check_sidecar,
@@ -29,6 +28,7 @@ from scanner.backends.engines import (
     sha256_file,
     sidecar_path,
 )
+from scanner.config import ModelConfig
 from scanner.errors import ScannerError
 from scanner.model.detector import DetectorOutput
 from scanner.model.weights import ModelInfo, read_info

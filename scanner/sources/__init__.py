@@ -1,8 +1,10 @@
 """Sources: enumerate work items lazily and deterministically (docs/design.md, "A scan, step by step").
 
-Every source yields `Item`s; `read_item` turns one into bytes on a decode worker. `iter_sources` is
-the entry point of `scanner run`: command-line inputs (directories, files, archives, URLs, brace
-patterns) and then an optional list file.
+Every source yields `Item`s; `read_item` (read) turns one into bytes on a decode worker. `iter_sources`
+is the entry point of `scanner run`: command-line inputs (directories, files, archives, URLs, brace
+patterns) and then an optional list file. Every read goes through retry (which failures are tried
+again, with what backoff and timeouts, and what a read that still fails becomes); reopening keeps a
+remote archive's stream going across dropped connections.
 """
 
 from __future__ import annotations
