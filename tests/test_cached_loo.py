@@ -71,6 +71,10 @@ def test_cached_leave_one_out_reports_every_fold_calibrates_and_resumes(pools, t
         for cond in ("clean", "jpeg75", "downscale0.5"):
             aps = fold["conditions"][cond]["per_source_ap"]
             assert set(aps) == set(fold["sources"]) and all(0 <= ap <= 1 for ap in aps.values())
+    assert {f: fold["family"] for f, fold in report["folds"].items()} == {"gan_x": "gan", "diff_y": "diffusion",
+                                                                          "diff_z": "diffusion"}
+    diffusion = np.mean([report["folds"][f]["conditions"]["jpeg75"]["ap"] for f in ("diff_y", "diff_z")])
+    assert report["family_means"]["diffusion"]["jpeg75"] == pytest.approx(diffusion)
     cal, thr = report["calibration"], report["threshold"]
     # Out-of-fold pool: every fake of every fold, the paired reals, and the held-out share of the photos.
     assert cal["synthetic"] == 6 + 4 + 2 and cal["images"] == 12 + 6 + 3 + 2
@@ -91,7 +95,7 @@ def test_cached_leave_one_out_reports_every_fold_calibrates_and_resumes(pools, t
     finally:
         loo.run_fold = original
     assert again["folds"] == report["folds"] and again["calibration"] == report["calibration"]
-    assert "| gan_x |" in (out / "leave_one_out.md").read_text()
+    assert "| gan_x |" in (out / "leave_one_out.md").read_text() and "| diffusion |" in (out / "leave_one_out.md").read_text()
     assert "Content-paired" not in (out / "leave_one_out.md").read_text()  # none of the known prefixes here
 
 

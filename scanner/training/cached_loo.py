@@ -75,6 +75,7 @@ def cached_leave_one_out(cfg: Config, data_dirs, out_dir, cache_dir, *, folds: l
     labels = torch.tensor([s.label for s in samples])
     index = {s.path: i for i, s in enumerate(samples)}
 
+    manifest = read_manifest(data_dirs)
     report_folds, oof = {}, {}
     real_only_logits: dict[int, list[float]] = {}
     for fold, sources in plan.items():
@@ -87,7 +88,8 @@ def cached_leave_one_out(cfg: Config, data_dirs, out_dir, cache_dir, *, folds: l
         else:
             logits = run_fold(model, tokens, labels, train_idx, held_idx, train_conds, cfg, columns, log)
             np.savez(saved, index=held_idx, **logits)
-        result = {"sources": sources, "images": len(held), "conditions": {}}
+        result = {"sources": sources, "family": manifest.get(sources[0], {}).get("family", ""), "images": len(held),
+                  "conditions": {}}
         for cond in CONDITIONS:
             aps = {src: ap for src, ap in per_source_ap(held, _sigmoid(logits[cond])).items() if src in sources}
             known = [ap for ap in aps.values() if ap is not None]
@@ -101,10 +103,14 @@ def cached_leave_one_out(cfg: Config, data_dirs, out_dir, cache_dir, *, folds: l
         log(f"fold {fold}: AP " + ", ".join(f"{c} {_fmt(v['ap'])}" for c, v in result["conditions"].items()))
 
     summary = {cond: _mean_min([f["conditions"][cond]["ap"] for f in report_folds.values()]) for cond in CONDITIONS}
-    report = {"folds": report_folds, "summary": summary, "config": json.loads(cfg.to_json()),
+    families = sorted({f["family"] for f in report_folds.values()})
+    family_means = {fam: {cond: _mean_min([f["conditions"][cond]["ap"] for f in report_folds.values()
+                                           if f["family"] == fam])["mean_ap"] for cond in CONDITIONS}
+                    for fam in families}
+    report = {"folds": report_folds, "summary": summary, "family_means": family_means, "config": json.loads(cfg.to_json()),
               "token_cache": str(cache.dir), "patch_columns": columns}
     if len(plan) > 1:
-        report.update(_oof_analysis(samples, oof, real_only_logits, read_manifest(data_dirs), max_fpr))
+        report.update(_oof_analysis(samples, oof, real_only_logits, manifest, max_fpr))
     (out_dir / "leave_one_out.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "leave_one_out.md").write_text(format_markdown(report))
     return report
@@ -184,6 +190,11 @@ def format_markdown(report: dict) -> str:
                      + " | ".join(_fmt(fold["conditions"][c]["ap"]) for c in conds) + " |")
     lines.append("| **mean** | | " + " | ".join(f"**{_fmt(report['summary'][c]['mean_ap'])}**" for c in conds) + " |")
     lines.append("| min | | " + " | ".join(_fmt(report["summary"][c]["min_ap"]) for c in conds) + " |")
+    if report.get("family_means"):
+        lines += ["", "Mean over the folds of each family:", "", "| family | " + " | ".join(f"AP {c}" for c in conds)
+                  + " |", "|---|" + "---:|" * len(conds)]
+        lines += [f"| {fam or '-'} | " + " | ".join(_fmt(means[c]) for c in conds) + " |"
+                  for fam, means in report["family_means"].items()]
     paired = [(src, fold["conditions"][c]["per_source_ap"].get(src), c) for fold in report["folds"].values()
               for src in fold["sources"] if src.startswith(CONTENT_PAIRED_PREFIXES) for c in conds]
     if paired:
