@@ -1,10 +1,10 @@
-"""Checkpoint -> ONNX -> TensorRT engines, by a recipe (DESIGN.md section 3).
+"""Checkpoint -> ONNX -> TensorRT engines, by a recipe (docs/design.md, "Backends, export and kernels").
 
     python build_engine.py --model WEIGHTS.safetensors --recipe engines/lite0_fp16.yaml --out engines/
 
 writes OUT/NAME.global.engine and OUT/NAME.local.engine, each with its provenance sidecar
 (X.engine.json). Without --onnx the model is exported first, to OUT/onnx-<weights sha>/.
-User errors print one line and exit with code 2. The library is scanner.engines.
+User errors print one line and exit with code 2. The library is scanner.backends.engines.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ def _parser() -> argparse.ArgumentParser:
 def _export(model: str, out: Path) -> Path:
     """Export the model's two graphs next to the engines, in a folder named by the weights."""
     from scanner.errors import ScannerError
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
 
     try:
-        from scanner.export import export_onnx
+        from scanner.backends.export import export_onnx
     except ImportError:
-        raise ScannerError("the ONNX exporter (scanner.export) is not available; pass --onnx DIR with an export") from None
+        raise ScannerError("the ONNX exporter (scanner.backends.export) is not available; pass --onnx DIR with an export") from None
     detector, info = load_detector(model)  # float32, on the CPU: the export's reference
     folder = out / f"onnx-{info.sha256[:12]}"
     export_onnx(detector, info, folder)
@@ -46,7 +46,7 @@ def _export(model: str, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from scanner.engines import build_engines, load_recipe
+    from scanner.backends.engines import build_engines, load_recipe
     from scanner.errors import ScannerError
 
     try:

@@ -120,7 +120,7 @@ def images(n: int, seed: int) -> dict[str, bytes]:
 
 
 def final_view(path: Path) -> dict[str, dict]:
-    """Each id's last record (the rule of scanner.final_view, without archives: none here)."""
+    """Each id's last record (the rule of scanner.scan.final_view, without archives: none here)."""
     last: dict[str, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every GPU check of ../shared/GPU.md in one call on a CUDA machine (run from the repository root):
+# Every GPU check in one call on a CUDA machine (docs/design.md, section 7; run from the repository root):
 #   bash bench/gpu_checks.sh                   (all steps; outputs under $OUT, or ./gpu_checks_out)
 #   STEPS="pytest bench" TESTS=tests/test_kernels.py bash bench/gpu_checks.sh   (some steps: pytest sanitizer
 #   kernels shapes scan loaders bench; TESTS narrows pytest)
@@ -35,7 +35,7 @@ want kernels && TAIL=16 step kernels_bench 200 python3 bench/kernels_bench.py --
 want shapes && TAIL=8 step shapes_bench 560 python3 bench/shapes_bench.py --compile-modes "${MODES:-none,default,reduce-overhead}" --timeout "${CHILD_S:-150}" --json "$O/shapes_bench.json"
 want scan && TAIL=6 step scan_gpu 120 python3 bench/gpu_scan_check.py --images 256 --json "$O/scan_gpu.json"
 if want loaders; then
-  python3 -c "from pathlib import Path; from scanner.bench_inputs import generate_images as g
+  python3 -c "from pathlib import Path; from scanner.bench.inputs import generate_images as g
 g(Path('/tmp/loader_images'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
   for loader in ${LOADERS:-cpu nvjpeg}; do
     TAIL=14 step "loader_$loader" 150 python3 cli.py bench /tmp/loader_images --limit 1024 --batch-size 128,256 \
@@ -46,16 +46,16 @@ want bench && TAIL=30 step scanner_bench 240 python3 cli.py bench --generate 102
   --batch-size 32,64,128,256 --backend torch --workers 12 --json "$O/scanner_bench.json"
 if want candidate; then
   CANDIDATE=${CANDIDATE:-configs/experiments/mid_b4_e512.yaml}
-  cand=$(python3 -c "import sys; from pathlib import Path; from scanner.bench import untrained_model
+  cand=$(python3 -c "import sys; from pathlib import Path; from scanner.bench.harness import untrained_model
 print(untrained_model(sys.argv[1], Path('/tmp')))" "$CANDIDATE") || exit 1
-  channels=$(python3 -c "import sys; from scanner.weights import load_detector
+  channels=$(python3 -c "import sys; from scanner.model.weights import load_detector
 print(load_detector(sys.argv[1])[0].backbone.channels)" "$cand")
   for which in shipped candidate; do
     if [ $which = shipped ]; then model=(); ch=1280; else model=(--model "$cand"); ch=$channels; fi
     TAIL=16 step "kernels_$which" 120 python3 bench/kernels_bench.py --batches 64,128,256 --channels $ch \
       --e2e-images 384 "${model[@]}" --out "$O/kernels_$which.json"
   done
-  python3 -c "from pathlib import Path; from scanner.bench_inputs import generate_images as g
+  python3 -c "from pathlib import Path; from scanner.bench.inputs import generate_images as g
 g(Path('/tmp/cand_images'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
   for which in shipped candidate; do
     if [ $which = shipped ]; then model=(); else model=(--model "$cand"); fi

@@ -30,7 +30,7 @@ SIZES = [(256, 256)] * 4 + [(640, 480)] * 6 + [(1024, 768)] * 6 + [(1920, 1080)]
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    from scanner.bench_inputs import generate_images
+    from scanner.bench.inputs import generate_images
 
     # Every 17th rotated by EXIF: the GPU paths must turn it upright as the CPU decoder does.
     return generate_images(folder, n, SIZES, seed, rotate_every=17)
@@ -40,7 +40,7 @@ def check_nvjpeg(paths: list[Path]) -> dict:
     import torch
 
     from scanner.backends.torch_cuda import decode_jpeg_cuda
-    from scanner.decode import decode
+    from scanner.decoding.decode import decode
 
     datas = [p.read_bytes() for p in paths]
     gpu = decode_jpeg_cuda(datas)
@@ -77,7 +77,7 @@ def run_scan(folder: Path, out: Path, gpu: bool, batch: int, loader: str = "cpu"
 
 
 def compare(gpu_out: Path, cpu_out: Path) -> dict:
-    from scanner.store import iter_records
+    from scanner.scan.results import iter_records
 
     def load(path):
         return {r["id"]: r for r in iter_records(path)}

@@ -2,11 +2,11 @@
 
     PYTHONPATH=. python bench/kernels_bench.py --batches 32,64,128,256 --out kernels_bench.json
 
-1. PSM: kernels.psm_boxes vs scanner.psm.psm_boxes on the same GPU feature map (B, C, 7, 7).
-2. Crop-resize: kernels.crop_resize_ragged (normalised, fp16) vs scanner.crop_resize.crop_resize
+1. PSM: kernels.psm_boxes vs scanner.model.psm.psm_boxes on the same GPU feature map (B, C, 7, 7).
+2. Crop-resize: kernels.crop_resize_ragged (normalised, fp16) vs scanner.model.crop_resize.crop_resize
    on the GPU followed by the same scaling, from ragged full-resolution images.
 3. End to end: images/s of the torch_cuda runner (kernels, autocast, pinned upload) vs the naive
-   reference loop (scanner.model.Detector in float32 on the GPU, batch by batch), uint8 CPU images in,
+   reference loop (scanner.model.detector.Detector in float32 on the GPU, batch by batch), uint8 CPU images in,
    logits out, same batches.
 
 Kernel times are CUDA-event medians over --iters runs after warm-up; each pair is checked for equal
@@ -48,8 +48,8 @@ def random_sizes(g: torch.Generator, n: int, lo: int, hi: int) -> torch.Tensor:
 
 
 def bench_psm(batches, channels: int, warmup: int, iters: int) -> list[dict]:
-    import kernels
-    from scanner.psm import psm_boxes
+    from scanner import kernels
+    from scanner.model.psm import psm_boxes
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -70,10 +70,10 @@ def bench_psm(batches, channels: int, warmup: int, iters: int) -> list[dict]:
 
 
 def bench_crop(batches, warmup: int, iters: int) -> list[dict]:
-    import kernels
-    from scanner.backbones import IMAGENET_MEAN, IMAGENET_STD
-    from scanner.crop_resize import crop_resize
-    from scanner.psm import psm_boxes
+    from scanner import kernels
+    from scanner.model.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from scanner.model.crop_resize import crop_resize
+    from scanner.model.psm import psm_boxes
 
     g = torch.Generator().manual_seed(1)
     mean = torch.tensor(IMAGENET_MEAN, device="cuda").view(3, 1, 1)
@@ -132,7 +132,7 @@ def images_per_second(run, images, batch: int, rounds: int) -> float:
 
 def bench_e2e(batches, model_path, precision: str, n: int, rounds: int, compile_mode) -> list[dict]:
     from scanner.backends.torch_cuda import load_torch_cuda
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
 
     images = e2e_images(n, seed=2)
     fast, info = load_torch_cuda(model_path, precision=precision, use_kernels=True, compile_mode=compile_mode)
@@ -164,8 +164,8 @@ def print_table(rows: list[dict]) -> None:
 
 def environment() -> dict:
     """scanner bench's environment (date, host, CPU, GPU, versions, commit, command) plus the CUDA side."""
-    from kernels.build import nvrtc_version
-    from scanner.bench import environment as bench_environment
+    from scanner.bench.harness import environment as bench_environment
+    from scanner.kernels.build import nvrtc_version
 
     props = torch.cuda.get_device_properties(0)
     return {**bench_environment(), "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
@@ -193,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         print("kernels_bench: needs a CUDA GPU, and torch.cuda.is_available() is False here; run it on a GPU machine",
               file=sys.stderr)
         return 2
-    import kernels
+    from scanner import kernels
 
     if not kernels.available():
         try:
-            from kernels.build import nvrtc_version
+            from scanner.kernels.build import nvrtc_version
 
             nvrtc_version()
             kernels._driver()

@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/psm_gpu_diag.py --out psm_diag.pt
 
 For feature maps as kernels_bench.py draws them (fp16 and fp32) and for the shipped model's own maps on
-noise images: boxes of kernels.psm_boxes (GPU), scanner.psm.psm_boxes on the GPU and on the CPU, and,
+noise images: boxes of kernels.psm_boxes (GPU), scanner.model.psm.psm_boxes on the GPU and on the CPU, and,
 for each image where two disagree, whether the activation map, the window scores or the picks differ
 between the GPU and CPU references. Saves the disagreeing inputs for a look on the CPU.
 """
@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from scanner.psm import activation_map, greedy_pick, psm_boxes, window_scores  # noqa: E402
+from scanner import kernels  # noqa: E402
+from scanner.model.psm import activation_map, greedy_pick, psm_boxes, window_scores  # noqa: E402
 
 
 def compare(name: str, fmap: torch.Tensor, sizes: torch.Tensor, saved: dict) -> None:
@@ -60,8 +60,8 @@ def main() -> int:
     compare("bench_fp32", fmap.float(), sizes, saved)
     compare("bench_fp32_noise", fmap.float() + torch.rand(fmap.shape, generator=g) * 1e-3, sizes, saved)
 
-    from scanner.preprocess import global_views
-    from scanner.weights import load_detector
+    from scanner.model.preprocess import global_views
+    from scanner.model.weights import load_detector
 
     model, _ = load_detector(None, device="cuda")
     shapes = [(1, 1), (50, 300), (224, 224), (480, 640), (1000, 700), (113, 2000), (768, 1024), (300, 300)]

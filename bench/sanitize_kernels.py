@@ -11,9 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from scanner.crop_resize import crop_resize  # noqa: E402
-from scanner.psm import psm_boxes  # noqa: E402
+from scanner import kernels  # noqa: E402
+from scanner.model.crop_resize import crop_resize  # noqa: E402
+from scanner.model.psm import psm_boxes  # noqa: E402
 
 
 def main() -> int:

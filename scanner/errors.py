@@ -19,7 +19,7 @@ Kinds (README.md, "What a scan writes"). All are permanent but one: the next run
 # error.kind values of result records (documented in README.md, "What a scan writes")
 ITEM_ERROR_KINDS = ("decode", "too_large", "not_image", "not_found", "io", "archive", "inference")
 
-# Kinds whose ids are not done: a later run scans them again (scanner.final_view).
+# Kinds whose ids are not done: a later run scans them again (scanner.scan.final_view).
 TRANSIENT_KINDS = frozenset({"io"})
 
 
@@ -42,7 +42,7 @@ class LockedError(ScannerError):
 
 class MissingPackageError(ScannerError):
     """An optional package the inputs or options need is not installed (found before the scan when
-    the inputs say so, scanner.preflight; else at the first item that needs it, which stops the scan
+    the inputs say so, scanner.scan.preflight; else at the first item that needs it, which stops the scan
     without a record for that item)."""
 
 

@@ -48,7 +48,7 @@ def write_samples(out_dir, names=SAMPLES) -> list[Path]:
     except ImportError:
         raise ScannerError(
             "scikit-image is not installed, and the sample photographs come from it; "
-            "run `pip install scikit-image` (or `pip install 'scanner[samples]'`)"
+            "run `pip install scikit-image` (or `pip install 'glff-scanner[samples]'`)"
         ) from None
     from PIL import Image
 

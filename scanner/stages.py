@@ -1,6 +1,7 @@
 """Per-stage busy time for `scanner bench`: free when no recording is active.
 
-The scan's threads and the model runners mark their work with `with stage("decode"):`. While a
+The scan's threads and the backends' runners mark their work with `with stage("decode"):` (the torch
+CPU runner through Detector.step_timer: the model itself does not import this module). While a
 `StageTimes` records (`with recording(times):`), each stage's wall time is added to its total, summed
 over threads (so overlapped stages can add up to more than the run's wall time). Stages on a GPU pass
 their device, and the clock is read after a synchronize so that asynchronous work lands in its stage.

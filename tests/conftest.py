@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-# Retries of failed reads wait 0-10 ms instead of 0-500 ms and more (scanner.retry): tests that inject
+# Retries of failed reads wait 0-10 ms instead of 0-500 ms and more (scanner.sources.retry): tests that inject
 # transient failures stay fast; subprocesses inherit it. Tests of the backoff itself pass a policy.
 os.environ.setdefault("SCANNER_RETRY_BASE_DELAY", "0.01")
 

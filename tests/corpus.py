@@ -7,7 +7,7 @@ returns, per relative path (POSIX separators), what a scan must produce for it:
     Expected("error", error=KIND)    an error record of that kind (decode, too_large, not_image, io)
     Expected("skip")                 not an image by content nor by name: skipped without a record
 
-Expectations hold for the default pixel budget (scanner.decode.DEFAULT_MAX_PIXELS, 50 MP) without
+Expectations hold for the default pixel budget (scanner.decoding.decode.DEFAULT_MAX_PIXELS, 50 MP) without
 downscale_large. `BOMB` and `HUGE_HEADER` name the two too_large files.
 
 Unreadable files. A file made unreadable with chmod 000 is unreadable only when the tests do not run

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scanner.backbones import build_backbone
 from scanner.config import ModelConfig
 from scanner.errors import ScannerError
-from scanner.model import Detector
-from scanner.train import freeze
-from scanner.weights import load_detector, save_detector
+from scanner.model.backbones import build_backbone
+from scanner.model.detector import Detector
+from scanner.model.weights import load_detector, save_detector
+from scanner.training.train import freeze
 
 pytest.importorskip("timm")
 

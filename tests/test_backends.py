@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
+from scanner import cli
 import scanner.backends as backends
-import scanner.export as onnx_export
+import scanner.backends.export as onnx_export
 from scanner.backends import BACKENDS, available_backends, load_backend, resolve_auto
 from scanner.backends.onnxruntime_backend import OnnxRuntimeDetector, default_cache_dir
 from scanner.errors import ScannerError
-from scanner.scan import ScanOptions, scan
-from scanner.weights import load_detector
+from scanner.model.weights import load_detector
+from scanner.scan.pipeline import ScanOptions, scan
 
 from tests.test_export import tiny_export, tiny_weights
 
@@ -109,7 +109,7 @@ def test_unknown_backend_is_a_user_error():
 def test_missing_onnxruntime_says_how_to_install(monkeypatch):
     monkeypatch.setattr(backends, "_cuda", lambda: False)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
-    with pytest.raises(ScannerError, match=r"pip install 'scanner\[onnx\]'"):
+    with pytest.raises(ScannerError, match=r"pip install 'glff-scanner\[onnx\]'"):
         load_backend("onnxruntime", tiny_weights())
     assert "onnxruntime" not in available_backends()
     assert resolve_auto() == "torch"

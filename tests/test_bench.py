@@ -16,15 +16,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
 from scanner import stages
-from scanner.bench import BenchOptions, percentiles_ms, run_bench
-from scanner.bench_inputs import folder_images, generate_images, parse_sizes
+from scanner.bench.harness import BenchOptions, percentiles_ms, run_bench
+from scanner.bench.inputs import folder_images, generate_images, parse_sizes
+from scanner.bench.naive import naive_forward, naive_model, run_naive
+from scanner.cli import main
 from scanner.config import ModelConfig
 from scanner.errors import ScannerError
-from scanner.model import Detector
-from scanner.naive import naive_forward, naive_model, run_naive
-from scanner.weights import load_detector, save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import load_detector, save_detector
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_generated_images_have_the_sizes_asked(tmp_path):
 
 def test_naive_baseline_computes_the_detectors_function(tiny_weights, tmp_path):
     """Same scores as the production model on the same files (PIL + float loop vs decode + batched)."""
-    from scanner.decode import decode
+    from scanner.decoding.decode import decode
 
     paths = generate_images(tmp_path, 6, [(300, 200), (64, 80), (224, 224)], seed=1)
     model, _ = load_detector(tiny_weights)
@@ -171,7 +171,7 @@ def test_run_bench_reports_both_rates_every_stage_and_agreement(tiny_weights, tm
 
 
 def test_bench_without_the_baseline(tiny_weights, tmp_path, monkeypatch):
-    from scanner import loaders
+    from scanner.decoding import loaders
 
     # A GPU in the machine but the model on the CPU: auto decodes on the CPU, and the report says so.
     monkeypatch.setattr(loaders, "cuda_available", lambda: True)
@@ -217,8 +217,8 @@ def test_cli_bench_a_folder_and_errors(tiny_weights, tmp_path):
 
 
 def test_untrained_model_of_a_config_file_keeps_its_model_section(tmp_path):
-    from scanner.bench import untrained_model
-    from scanner.weights import read_info
+    from scanner.bench.harness import untrained_model
+    from scanner.model.weights import read_info
 
     path = untrained_model(str(Path(__file__).parents[1] / "configs/experiments/mid_b4_e512.yaml"), tmp_path)
     cfg = read_info(path).config

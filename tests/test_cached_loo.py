@@ -11,12 +11,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
-from scanner.cached_loo import _threshold, cached_leave_one_out
-from scanner.calibration import platt
+from scanner import cli
 from scanner.config import load_config
-from scanner.leave_one_out import fold_plan
-from scanner.weights import load_detector
+from scanner.model.weights import load_detector
+from scanner.training.cached_loo import _threshold, cached_leave_one_out
+from scanner.training.calibration import platt
+from scanner.training.leave_one_out import fold_plan
 
 CONFIG = ("model: {backbone: tiny, embed_dim: 16, fusion_heads: 2, fusion_layers: 1}\n"
           "train: {epochs: 3, batch_size: 8, lr: 0.003, num_workers: 0, real_only_val_share: 0.5, cached_draws: 1,\n"
@@ -84,7 +84,7 @@ def test_cached_leave_one_out_reports_every_fold_calibrates_and_resumes(pools, t
     saved = {p.stem: np.load(p)["clean"] for p in (out / "folds").glob("*.npz")}
     assert set(saved) == set(report["folds"])
     # A rerun reuses the folds' saved logits: the same report without training.
-    import scanner.cached_loo as loo
+    import scanner.training.cached_loo as loo
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished fold was trained again")
@@ -143,8 +143,8 @@ def test_cli_cached_leave_one_out_and_its_errors(pools, tmp_path):
 
 
 def test_training_conditions_mix_fixed_degradations_and_draws(tmp_path):
-    from scanner.cached_loo import open_cache, training_conditions
     from scanner.errors import ScannerError
+    from scanner.training.cached_loo import open_cache, training_conditions
 
     cfg = load_config(None, {"model": {"backbone": "tiny", "embed_dim": 16, "fusion_heads": 2, "fusion_layers": 1},
                              "train": {"cached_draws": 2, "cached_conditions": ["jpeg75"]}})

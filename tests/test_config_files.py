@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scanner.config import load_config
-from scanner.model import Detector
+from scanner.model.detector import Detector
 
 pytest.importorskip("timm")
 

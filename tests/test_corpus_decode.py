@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scanner.decode import DecodeError, decode, decode_pillow
+from scanner.decoding.decode import DecodeError, decode, decode_pillow
 from scanner.sources.sniff import HEAD_BYTES, looks_like_image
 from tests.corpus import BOMB, FILES, HUGE_HEADER, UNREADABLE, encode, make_corpus, photo, restore_permissions
 

@@ -1,4 +1,4 @@
-"""crop_resize (scanner.crop_resize) against per-patch F.interpolate(bilinear, align_corners=True).
+"""crop_resize (scanner.model.crop_resize) against per-patch F.interpolate(bilinear, align_corners=True).
 
 Tolerances, on pixel values in 0..255 (float32 output):
 - against F.interpolate in float64: atol 1e-4. crop_resize computes sample positions in float64 and
@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import scanner.crop_resize as cr
-from scanner.crop_resize import crop_resize
+import scanner.model.crop_resize as cr
+from scanner.model.crop_resize import crop_resize
 
 ATOL_F64 = 1e-4
 ATOL_F32 = 3e-3

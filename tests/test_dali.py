@@ -1,9 +1,9 @@
-"""The DALI loader (scanner.loaders.dali) against the CPU loader: pixels, views, isolation of corrupt
+"""The DALI loader (scanner.decoding.dali) against the CPU loader: pixels, views, isolation of corrupt
 files, exactly-once batching, whole scans, webdataset shards, loader selection.
 
 DALI runs in CPU mode here (`device_id=None`); the tests marked gpu run the mixed (nvJPEG) decoder.
-Tolerances (measured on this machine, see scanner/loaders/dali.py): DALI CPU images are bit-identical
-to scanner.decode's; views match preprocess.global_views within 1e-5 inside, 0.017 on the 2-pixel frame.
+Tolerances (measured on this machine, see scanner/decoding/dali.py): DALI CPU images are bit-identical
+to scanner.decoding.decode's; views match preprocess.global_views within 1e-5 inside, 0.017 on the 2-pixel frame.
 """
 
 from __future__ import annotations
@@ -20,24 +20,24 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'scanner[dali]')")
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'glff-scanner[dali]')")
 
-import scanner.loaders as loaders  # noqa: E402
+import scanner.decoding.loaders as loaders  # noqa: E402
 from scanner.config import ModelConfig  # noqa: E402
-from scanner.decode import DecodeError, decode  # noqa: E402
+from scanner.decoding.dali import DaliDecoder, DaliLoader, iter_webdataset, jpeg_well_formed, route  # noqa: E402
+from scanner.decoding.decode import DecodeError, decode  # noqa: E402
 from scanner.errors import ScannerError  # noqa: E402
-from scanner.loaders.dali import DaliDecoder, DaliLoader, iter_webdataset, jpeg_well_formed, route  # noqa: E402
-from scanner.model import Detector  # noqa: E402
-from scanner.preprocess import global_views  # noqa: E402
-from scanner.scan import ScanOptions, scan  # noqa: E402
-from scanner.weights import load_detector, save_detector  # noqa: E402
+from scanner.model.detector import Detector  # noqa: E402
+from scanner.model.preprocess import global_views  # noqa: E402
+from scanner.model.weights import load_detector, save_detector  # noqa: E402
+from scanner.scan.pipeline import ScanOptions, scan  # noqa: E402
 from tests.corpus import encode, photo  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 BUDGET = 50_000_000
 
-IMAGE_TOL = 1  # max |diff| of uint8 pixels, DALI CPU vs scanner.decode (measured: 0)
+IMAGE_TOL = 1  # max |diff| of uint8 pixels, DALI CPU vs scanner.decoding.decode (measured: 0)
 VIEW_INTERIOR_TOL = 1e-4  # views, all but the outermost 2 pixels (measured: 5e-6)
 VIEW_FRAME_TOL = 0.03  # views, the 2-pixel frame: DALI clamps, torch renormalises (measured: 0.017)
 
@@ -113,7 +113,7 @@ def test_structure_check_rejects_illegal_markers_in_the_scan():
     assert not jpeg_well_formed(bytes(damaged))
     assert not jpeg_well_formed(good[: len(good) // 2])
     assert not jpeg_well_formed(b"\xff\xd8\xff")
-    # DALI's CPU backend would decode that damaged file to a grey image where scanner.decode refuses
+    # DALI's CPU backend would decode that damaged file to a grey image where scanner.decoding.decode refuses
     # it: the structure check sends it to the CPU decoder, which gives the CPU loader's decode error.
     with pytest.raises(DecodeError):
         decode(bytes(damaged))
@@ -330,21 +330,21 @@ def test_resolve_loader(monkeypatch):
 def test_dali_not_installed_is_a_clear_error(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
-    import cli
+    from scanner import cli
 
     monkeypatch.setattr(loaders, "dali_installed", lambda: False)
     monkeypatch.setattr(loaders, "cuda_available", lambda: True)
     assert loaders.resolve_loader("auto") == "nvjpeg"  # the GPU decoder without DALI
-    with pytest.raises(ScannerError, match=r"pip install 'scanner\[dali\]'"):
+    with pytest.raises(ScannerError, match=r"pip install 'glff-scanner\[dali\]'"):
         loaders.resolve_loader("dali")
     (tmp_path / "in").mkdir()
     result = CliRunner().invoke(cli.main, ["run", str(tmp_path / "in"), "--out", str(tmp_path / "r.jsonl"),
                                            "--loader", "dali"])
-    assert result.exit_code == 2 and "pip install 'scanner[dali]'" in result.output
+    assert result.exit_code == 2 and "pip install 'glff-scanner[dali]'" in result.output
 
 
 def test_importing_the_scanner_does_not_import_dali():
-    code = ("import sys, cli, scanner.scan, scanner.loaders, scanner.loaders.dali; "
+    code = ("import sys, cli, scanner.scan.pipeline, scanner.decoding.loaders, scanner.decoding.dali; "
             "assert not any(m.startswith('nvidia.dali') for m in sys.modules), 'nvidia.dali imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
@@ -387,7 +387,7 @@ def test_gpu_corrupt_file_isolated():
 
 def test_scan_auto_decodes_where_the_model_computes(tree, detector, tmp_path, monkeypatch):
     """A GPU in the machine and DALI installed, but the model on the CPU: auto makes no GPU loader."""
-    import scanner.scan as scan_module
+    import scanner.scan.pipeline as scan_module
 
     monkeypatch.setattr(loaders, "cuda_available", lambda: True)
     monkeypatch.setattr(loaders, "dali_installed", lambda: True)

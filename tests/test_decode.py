@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-import scanner.decode as decode_module
-from scanner.decode import (
+import scanner.decoding.decode as decode_module
+from scanner.decoding.decode import (
     DOWNSCALE_CEILING,
     DecodeError,
     decode,

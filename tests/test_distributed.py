@@ -15,21 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'scanner[dist]')")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'glff-scanner[dist]')")
 
 import ray  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-import cli  # noqa: E402
-from scanner import distributed  # noqa: E402
+from scanner import cli  # noqa: E402
 from scanner.config import ModelConfig  # noqa: E402
-from scanner.distributed import actor_layout, scan_ray  # noqa: E402
+from scanner.distributed import ray_scan as distributed  # noqa: E402
+from scanner.distributed.parts import MANIFEST, PartDir, list_parts, merge_parts  # noqa: E402
+from scanner.distributed.ray_scan import actor_layout, scan_ray  # noqa: E402
 from scanner.errors import LockedError, ScannerError  # noqa: E402
-from scanner.model import Detector  # noqa: E402
-from scanner.parts import MANIFEST, PartDir, list_parts, merge_parts  # noqa: E402
-from scanner.scan import ScanOptions, scan  # noqa: E402
-from scanner.store import iter_records  # noqa: E402
-from scanner.weights import load_detector, save_detector  # noqa: E402
+from scanner.model.detector import Detector  # noqa: E402
+from scanner.model.weights import load_detector, save_detector  # noqa: E402
+from scanner.scan.pipeline import ScanOptions, scan  # noqa: E402
+from scanner.scan.results import iter_records  # noqa: E402
 from tests.test_decode import encode, gradient  # noqa: E402
 
 PART_SIZE = 8
@@ -235,8 +235,8 @@ def test_actor_layout():
 def test_transient_failures_are_retried_by_the_next_ray_run(weights, tmp_path):
     """The same rules under --ray: the actors retry reads, the next run scans the ids whose final record
     is transient, and merge writes one final record per id."""
-    from scanner.prepare import DecodeOptions
-    from scanner.retry import RetryPolicy
+    from scanner.scan.prepare import DecodeOptions
+    from scanner.sources.retry import RetryPolicy
     from tests.flaky_http import FlakyServer
 
     files = {f"/{i}.jpg": encode(gradient(50 + 7 * i, 60), "JPEG") for i in range(6)}

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from scanner import engines as eng
+from scanner.backends import engines as eng
 from scanner.backends import tensorrt_backend as tb
 from scanner.config import ModelConfig
 from scanner.errors import ScannerError
-from scanner.model import Detector
-from scanner.weights import save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import save_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 REBUILD = "python build_engine.py --model W.safetensors --recipe engines/lite0_fp16.yaml --out engines/"
@@ -250,8 +250,8 @@ def test_global_calibration_batches(tmp_path):
 
 
 def test_local_calibration_batches_follow_the_model(tmp_path):
-    from scanner.crop_resize import crop_patches
-    from scanner.decode import read_and_decode
+    from scanner.decoding.decode import read_and_decode
+    from scanner.model.crop_resize import crop_patches
 
     _write_images(tmp_path, [(240, 320), (300, 200), (64, 64), (500, 260)])
     model = _tiny()
@@ -494,7 +494,7 @@ def tensorrt_gpu():
         pytest.skip("needs a CUDA GPU")
     if not hasattr(trt.BuilderFlag, "FP16"):
         pytest.skip(f"TensorRT {trt.__version__} has no BuilderFlag.FP16 (removed in 11); fp16 recipes need TensorRT 10")
-    pytest.importorskip("scanner.export", reason="the ONNX exporter scanner/export.py is not there")
+    pytest.importorskip("scanner.backends.export", reason="the ONNX exporter scanner/backends/export.py is not there")
     pytest.importorskip("onnxscript", reason="the ONNX export needs onnxscript")
     return trt
 
@@ -520,7 +520,7 @@ def tiny_engines(tmp_path, tensorrt_gpu):
 
 @pytest.mark.gpu
 def test_fp16_engines_match_torch(tiny_engines):
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
 
     weights, out = tiny_engines
     sidecar = eng.read_sidecar(out / "tiny_fp16.global.engine.json")
@@ -550,7 +550,7 @@ def test_engines_for_other_weights_are_refused(tiny_engines, tmp_path):
 @pytest.mark.slow
 def test_build_engine_exports_then_needs_tensorrt(tmp_path, monkeypatch, capsys):
     """build_engine.py without --onnx: the real exporter runs (~10 s), then the build asks for TensorRT."""
-    pytest.importorskip("scanner.export", reason="the ONNX exporter scanner/export.py is not there")
+    pytest.importorskip("scanner.backends.export", reason="the ONNX exporter scanner/backends/export.py is not there")
     pytest.importorskip("onnx", reason="the ONNX export needs onnx (pip install '.[onnx]')")
     pytest.importorskip("onnxscript", reason="the ONNX export needs onnxscript")
     import importlib.util
@@ -772,7 +772,7 @@ class FakeContext:
 
 
 def _fake_onnx_export(folder: Path, weights: Path, k: int = 6, d: int = 128) -> Path:
-    from scanner.weights import read_info
+    from scanner.model.weights import read_info
 
     info = read_info(weights)
     folder.mkdir(parents=True, exist_ok=True)
@@ -878,7 +878,7 @@ def test_backend_binds_runs_splits_and_pads_like_the_torch_model(fake_trt, tmp_p
     trt, weights = fake_trt
     onnx = _fake_onnx_export(tmp_path / "onnx", weights)
     eng.build_engines(onnx, eng.load_recipe(_recipe_file(tmp_path, "fp16")), tmp_path / "engines", weights=weights)
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
 
     model, _ = load_detector(weights)
     trt.model = model

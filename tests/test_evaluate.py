@@ -1,4 +1,4 @@
-"""scanner.evaluate on a tiny CNNDetection-layout folder with the test-only "tiny" backbone."""
+"""scanner.training.evaluate on a tiny CNNDetection-layout folder with the test-only "tiny" backbone."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from scanner.config import ModelConfig
-from scanner.data import find_samples, jpeg_compress
 from scanner.errors import ScannerError
-from scanner.evaluate import BLUR_SIGMAS, JPEG_QUALITIES, evaluate, format_markdown, score_samples
-from scanner.model import Detector
-from scanner.weights import load_detector, save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import load_detector, save_detector
+from scanner.training.data import find_samples, jpeg_compress
+from scanner.training.evaluate import BLUR_SIGMAS, JPEG_QUALITIES, evaluate, format_markdown, score_samples
 
 # source -> (real count, fake count); "extra" is deliberately missing from the manifest.
 LAYOUT = {"gan_a": (3, 3), "gan_b": (1, 2), "sd": (0, 2), "coco": (2, 0), "extra": (1, 1)}

@@ -1,4 +1,4 @@
-"""scanner.explain and `scanner explain`: the PNG's size, the drawn boxes, the attention shown, backends."""
+"""scanner.reports.explain and `scanner explain`: the PNG's size, the drawn boxes, the attention shown, backends."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
-from scanner import explain as ex
+from scanner import cli
 from scanner.config import ModelConfig
-from scanner.decode import decode
-from scanner.model import Detector, DetectorOutput
-from scanner.weights import load_detector, save_detector
+from scanner.decoding.decode import decode
+from scanner.model.detector import Detector, DetectorOutput
+from scanner.model.weights import load_detector, save_detector
+from scanner.reports import explain as ex
 
 TOLERANCE = 40  # per channel; the outlines are drawn without antialiasing
 

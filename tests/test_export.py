@@ -15,10 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
-from scanner.config import ModelConfig
-from scanner.errors import ScannerError
-from scanner.export import (
+from scanner import cli
+from scanner.backends.export import (
     BATCH_AXIS,
     DEFAULT_OPSET,
     META_FILE,
@@ -27,8 +25,10 @@ from scanner.export import (
     read_export,
     verify_onnx,
 )
-from scanner.model import Detector
-from scanner.weights import load_detector, save_detector
+from scanner.config import ModelConfig
+from scanner.errors import ScannerError
+from scanner.model.detector import Detector
+from scanner.model.weights import load_detector, save_detector
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from scanner.final_view import FinalFilter, ResumeState
-from scanner.parts import PartDir, merge_parts
-from scanner.report import read_stats
-from scanner.results import dumps, error_record, result_record
-from scanner.store import ResultStore, iter_records
+from scanner.distributed.parts import PartDir, merge_parts
+from scanner.reports.report import read_stats
+from scanner.scan.final_view import FinalFilter, ResumeState
+from scanner.scan.results import dumps, error_record, iter_records, result_record
+from scanner.scan.store import ResultStore
 
 MODEL = "m@1"
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-import scanner.idset as idset
-from scanner.idset import IdSet
+import scanner.scan.idset as idset
+from scanner.scan.idset import IdSet
 
 
 @pytest.fixture()

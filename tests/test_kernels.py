@@ -5,7 +5,7 @@ What runs where:
   cubin for sm_90, so a syntax or type error fails CI; the disk cache hits and misses as keyed.
 - With a C++ compiler (no GPU): each .cu file also compiles as plain C++ (its "host build"), and the
   harness below runs the kernels' own per-thread code for every thread of every block on the CPU.
-  Those runs are checked bit for bit against the references (scanner/psm.py, scanner/crop_resize.py).
+  Those runs are checked bit for bit against the references (scanner/model/psm.py, scanner/model/crop_resize.py).
   They check the arithmetic, the tie rule, the indexing and the Python-side argument layout; not the
   CUDA-only parts (launch geometry, shared memory, __syncthreads, the driver calls).
 - On a CUDA GPU (`pytest -m gpu`): the same parity tests through kernels.psm_boxes and
@@ -28,8 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import build
+from scanner import kernels
 from scanner.backends.torch_cuda import (
     TorchCudaRunner,
     device_views,
@@ -41,10 +40,11 @@ from scanner.backends.torch_cuda import (
     stage_images,
 )
 from scanner.config import ModelConfig
-from scanner.crop_resize import crop_resize
 from scanner.errors import ScannerError
-from scanner.model import Detector
-from scanner.psm import psm_boxes
+from scanner.kernels import build
+from scanner.model.crop_resize import crop_resize
+from scanner.model.detector import Detector
+from scanner.model.psm import psm_boxes
 from tests.test_psm import _random_sizes  # the same size mix as the reference's own tests
 
 HAS_GPU = torch.cuda.is_available()
@@ -259,7 +259,7 @@ def test_crop_norm():
 
 
 def test_ops_refuse_cpu_tensors_and_bad_arguments():
-    with pytest.raises(ValueError, match="must be a CUDA tensor.*scanner.psm"):
+    with pytest.raises(ValueError, match="must be a CUDA tensor.*scanner.model.psm"):
         kernels.psm_boxes(torch.zeros(1, 4, 7, 7), torch.tensor([[100, 100]]))
     img = torch.zeros(10, 10, 3, dtype=torch.uint8)
     with pytest.raises(ValueError, match="image 0 must be a CUDA tensor"):
@@ -718,7 +718,7 @@ def test_staging_keeps_each_images_memory_order():
 
 
 def test_orient_chw_matches_the_decoders_orientation():
-    from scanner.decode import _orient
+    from scanner.decoding.decode import _orient
 
     img = torch.randint(0, 256, (3, 4, 6), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     for orientation in range(1, 9):
@@ -870,7 +870,7 @@ def _architecture_weights(folder: Path, name: str) -> Path:
     match (at least the stem and blocks 0-4, ImageNet features in both) and untrained layers elsewhere."""
     from safetensors.torch import load_file
 
-    from scanner.weights import DEFAULT_WEIGHTS, save_detector
+    from scanner.model.weights import DEFAULT_WEIGHTS, save_detector
 
     torch.manual_seed(0)
     model = Detector(ModelConfig(backbone="efficientnet_lite0", pretrained=False, **ARCHITECTURES[name]), seed=0)
@@ -890,7 +890,7 @@ def _architecture_weights(folder: Path, name: str) -> Path:
 @pytest.fixture(scope="module", params=["shipped", *ARCHITECTURES])
 def cpu_detector(request, tmp_path_factory):
     """Each architecture the runner serves: the shipped model, and each Lite0 architecture on its trunk."""
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
 
     path = None if request.param == "shipped" else _architecture_weights(tmp_path_factory.mktemp("weights"), request.param)
     model, info = load_detector(path, device="cpu")
@@ -925,7 +925,7 @@ def test_gpu_runner_matches_the_cpu_detector(cpu_detector, monkeypatch):
 @gpu
 @needs_gpu
 def test_reference_psm_on_the_gpu_gives_the_cpu_boxes():
-    """scanner.psm is one function on every device: torch's CUDA division by a Python scalar (a
+    """scanner.model.psm is one function on every device: torch's CUDA division by a Python scalar (a
     multiplication by its reciprocal) once moved boxes by a pixel against the CPU (H200, 2026-11-26)."""
     g = torch.Generator().manual_seed(0)
     fmap = (torch.randn(64, 1280, 7, 7, generator=g).relu() * 3).half()

@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
+from scanner import cli
 from scanner.config import load_config
-from scanner.data import find_samples, split_by_source
 from scanner.errors import ScannerError
-from scanner.leave_one_out import downscale, fold_config, generators_of, leave_one_out
+from scanner.training.data import find_samples, split_by_source
+from scanner.training.leave_one_out import downscale, fold_config, generators_of, leave_one_out
 
 CONFIG = ("model: {backbone: tiny, windows: [3], patch_sizes: [224], picks_per_window: 1}\n"
           "train: {epochs: 1, batch_size: 4, num_workers: 0, patience: 1, real_only_val_share: 0.5}\n")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from scanner import loaders
-from scanner.decode import decode
+from scanner.decoding import loaders
+from scanner.decoding.decode import decode
+from scanner.decoding.nvjpeg import NvjpegLoader
 from scanner.errors import ScannerError
-from scanner.loaders.nvjpeg import NvjpegLoader
-from scanner.prepare import DecodeOptions, prepare
+from scanner.scan.prepare import DecodeOptions, prepare
 from scanner.sources import Item
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -91,8 +91,8 @@ def test_load_decodes_the_batch_and_falls_back_per_file():
 
 
 def test_a_file_neither_decoder_takes_gets_its_error_record(monkeypatch):
-    import scanner.prepare as prepare_module
-    from scanner.decode import DecodeError
+    import scanner.scan.prepare as prepare_module
+    from scanner.decoding.decode import DecodeError
 
     decode_batch, _ = _stand_in(fail_on={33}, wrong_on=set())
     loader = NvjpegLoader("m", device="cpu", decode=decode_batch)

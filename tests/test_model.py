@@ -1,4 +1,4 @@
-"""Detector smoke tests (scanner.model) with a randomly initialised EfficientNet-Lite0.
+"""Detector smoke tests (scanner.model.detector) with a randomly initialised EfficientNet-Lite0.
 
 Each Lite0 forward is 7 backbone passes per image (global view + 6 patches), about a second on a
 CPU: the tests share one forward and one backward. They run on one intra-op thread: on a busy
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from scanner.config import ModelConfig
-from scanner.model import Detector
-from scanner.psm import psm_boxes
+from scanner.model.detector import Detector
+from scanner.model.psm import psm_boxes
 
 
 def _images(seed: int, shapes) -> list[torch.Tensor]:

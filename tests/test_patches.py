@@ -1,4 +1,4 @@
-"""Patch strategies (scanner.patches): random crops, five crops, and the PatchSelector dispatch."""
+"""Patch strategies (scanner.model.patches): random crops, five crops, and the PatchSelector dispatch."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from scanner.config import ModelConfig
-from scanner.patches import PatchSelector, five_crop_boxes, random_boxes
-from scanner.psm import psm_boxes
+from scanner.model.patches import PatchSelector, five_crop_boxes, random_boxes
+from scanner.model.psm import psm_boxes
 
 SIZES = torch.tensor(
     [[1, 1], [50, 300], [300, 50], [111, 500], [112, 112], [200, 223], [224, 224], [225, 226], [480, 640], [20000, 15000]]

@@ -10,14 +10,14 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-import cli
-from scanner import decode as decode_module
+from scanner import cli
 from scanner.config import ModelConfig
+from scanner.decoding import decode as decode_module
 from scanner.errors import MissingPackageError
-from scanner.model import Detector
-from scanner.preflight import check_optional_packages
-from scanner.store import iter_records
-from scanner.weights import save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import save_detector
+from scanner.scan.preflight import check_optional_packages
+from scanner.scan.results import iter_records
 from tests.flaky_http import FlakyServer
 from tests.test_decode import encode, gradient
 
@@ -44,11 +44,11 @@ def block(monkeypatch, *modules: str) -> None:
 
 
 @pytest.mark.parametrize("blocked, entry, options, message", [
-    (["fsspec"], "s3://bucket/a.jpg", [], r"fsspec.*pip install 'scanner\[remote\]'"),
-    (["aiohttp"], "http://127.0.0.1:9/a.jpg", [], r"pip install 'scanner\[remote\]'"),
-    ([], "photos/IMG_0001.HEIC", [], r"pillow-heif.*pip install 'scanner\[heif\]'"),
-    (["pyarrow", "pyarrow.parquet"], "a.jpg", ["--format", "parquet"], r"pip install 'scanner\[parquet\]'"),
-    (["ray", "ray.data"], "a.jpg", ["--ray"], r"pip install 'scanner\[dist\]'"),
+    (["fsspec"], "s3://bucket/a.jpg", [], r"fsspec.*pip install 'glff-scanner\[remote\]'"),
+    (["aiohttp"], "http://127.0.0.1:9/a.jpg", [], r"pip install 'glff-scanner\[remote\]'"),
+    ([], "photos/IMG_0001.HEIC", [], r"pillow-heif.*pip install 'glff-scanner\[heif\]'"),
+    (["pyarrow", "pyarrow.parquet"], "a.jpg", ["--format", "parquet"], r"pip install 'glff-scanner\[parquet\]'"),
+    (["ray", "ray.data"], "a.jpg", ["--ray"], r"pip install 'glff-scanner\[dist\]'"),
 ])
 def test_missing_package_stops_the_run_before_anything_is_written(monkeypatch, tmp_path, weights, blocked, entry,
                                                                   options, message):
@@ -70,7 +70,7 @@ def test_every_missing_package_is_named_at_once(monkeypatch):
     block(monkeypatch, "fsspec", "pyarrow", "pyarrow.parquet")
     with pytest.raises(MissingPackageError) as info:
         check_optional_packages(["gs://b/x.jpg"], fmt="parquet")
-    assert "scanner[remote]" in str(info.value) and "scanner[parquet]" in str(info.value)
+    assert "glff-scanner[remote]" in str(info.value) and "glff-scanner[parquet]" in str(info.value)
 
 
 def test_preflight_passes_and_counts_the_list(tmp_path):
@@ -90,7 +90,7 @@ def test_url_backend_missing_when_read_from_stdin_stops_at_that_url(monkeypatch,
         result = run(["--from-list", "-", "--out", out, "--model", weights, "--workers", "0"],
                      input=f"{tmp_path / 'a.jpg'}\n{server.url('/b.jpg')}\n")
     assert result.exit_code == 2, result.output
-    assert "pip install 'scanner[remote]'" in result.output
+    assert "pip install 'glff-scanner[remote]'" in result.output
     assert server.url("/b.jpg") not in [r["id"] for r in iter_records(out)]
 
 
@@ -103,6 +103,6 @@ def test_heic_found_inside_a_folder_stops_the_scan_without_a_record(monkeypatch,
     out = tmp_path / "out.jsonl"
     result = run([root, "--out", out, "--model", weights, "--workers", "0"])
     assert result.exit_code == 2, result.output
-    assert "pip install 'scanner[heif]'" in result.output
+    assert "pip install 'glff-scanner[heif]'" in result.output
     assert str(root / "b") not in [r["id"] for r in iter_records(out)]
     assert decode_module.is_hevc_heif(HEIC) and not decode_module.is_hevc_heif(JPEG)

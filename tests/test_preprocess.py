@@ -1,4 +1,4 @@
-"""Global views (scanner.preprocess): the central square resized to 224, per image, whatever the batch."""
+"""Global views (scanner.model.preprocess): the central square resized to 224, per image, whatever the batch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scanner.preprocess import central_square, global_views, image_sizes
+from scanner.model.preprocess import central_square, global_views, image_sizes
 
 
 def _image(g, h, w) -> torch.Tensor:

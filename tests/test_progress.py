@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from scanner.progress import ScanProgress
+from scanner.scan.progress import ScanProgress
 
 
 def test_plain_lines_off_a_terminal_with_eta():

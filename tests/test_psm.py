@@ -1,7 +1,8 @@
-"""PSM (scanner.psm) against a plain transcription of the official algorithm (DESIGN.md section 1, step 2).
+"""PSM (scanner.model.psm) against a plain transcription of the official algorithm
+(docs/design.md, "The model", step 2).
 
 The reference below is deliberately naive: Python loops and Python floats (float64), no torch. It
-defines the expected boxes; scanner.psm.psm_boxes must reproduce them exactly (integer boxes equal).
+defines the expected boxes; scanner.model.psm.psm_boxes must reproduce them exactly (integer boxes equal).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import pytest
 import torch
 
-from scanner.psm import psm_boxes
+from scanner.model.psm import psm_boxes
 
 WINDOWS = (3, 2)
 PATCHES = (224, 112)

@@ -1,4 +1,4 @@
-"""scanner.report and `scanner report`: a self-contained, escaped, well-formed HTML report."""
+"""scanner.reports.report and `scanner report`: a self-contained, escaped, well-formed HTML report."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
-from scanner import report as rp
+from scanner import cli
 from scanner.config import ModelConfig
 from scanner.errors import ScannerError
-from scanner.evaluate import evaluate
-from scanner.model import Detector
-from scanner.results import dumps, error_record, result_record
-from scanner.weights import load_detector, save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import load_detector, save_detector
+from scanner.reports import report as rp
+from scanner.scan.results import dumps, error_record, result_record
+from scanner.training.evaluate import evaluate
 
 from tests.test_evaluate import _make_data
 

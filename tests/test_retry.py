@@ -1,4 +1,4 @@
-"""scanner.retry: which failures are retried, not found or final; backoff bounds; the retry loop."""
+"""scanner.sources.retry: which failures are retried, not found or final; backoff bounds; the retry loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from scanner.errors import ItemError, ScannerError
-from scanner.retry import FAIL, NOT_FOUND, RETRY, RetryPolicy, call_with_retries, classify
+from scanner.sources.retry import FAIL, NOT_FOUND, RETRY, RetryPolicy, call_with_retries, classify
 
 
 def _response_error(status: int, headers=None) -> aiohttp.ClientResponseError:

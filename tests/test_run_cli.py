@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
+from scanner import cli
 from scanner.config import ModelConfig
-from scanner.model import Detector
-from scanner.store import OutputLock
-from scanner.weights import save_detector
+from scanner.model.detector import Detector
+from scanner.model.weights import save_detector
+from scanner.scan.store import OutputLock
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 36

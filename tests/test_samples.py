@@ -6,7 +6,7 @@ import builtins
 
 import pytest
 
-from scanner.decode import decode_image
+from scanner.decoding.decode import decode_image
 from scanner.errors import ScannerError
 from scanner.samples import SAMPLES, write_samples
 

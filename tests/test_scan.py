@@ -16,11 +16,11 @@ import torch
 
 from scanner.config import ModelConfig
 from scanner.errors import ScannerError
-from scanner.model import Detector
-from scanner.results import KEYS, error_record, result_record
-from scanner.scan import ScanOptions, scan
+from scanner.model.detector import Detector
+from scanner.model.weights import load_detector, save_detector
+from scanner.scan.pipeline import ScanOptions, scan
+from scanner.scan.results import KEYS, error_record, result_record
 from scanner.sources import iter_directory
-from scanner.weights import load_detector, save_detector
 
 from tests.test_decode import encode, gradient, png_claiming
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import scanner.sources.item as item_module
+import scanner.sources.read as read_module
 from scanner.config import ModelConfig
-from scanner.decode import decode_pillow
-from scanner.model import Detector
-from scanner.prepare import DecodeOptions
-from scanner.scan import ScanOptions, scan
-from scanner.weights import load_detector, save_detector
+from scanner.decoding.decode import decode_pillow
+from scanner.model.detector import Detector
+from scanner.model.weights import load_detector, save_detector
+from scanner.scan.pipeline import ScanOptions, scan
+from scanner.scan.prepare import DecodeOptions
 from tests.corpus import BOMB, UNREADABLE, encode, make_corpus, photo, restore_permissions
 
 
@@ -52,7 +52,7 @@ def refuse_unreadable(monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(item_module, "open", guarded_open, raising=False)
+    monkeypatch.setattr(read_module, "open", guarded_open, raising=False)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -135,7 +135,7 @@ def test_downscale_large_scores_the_bomb(corpus, detector, tmp_path):
     (record,) = read_records(out)
     assert record["error"] is None and record["downscaled"] is True
     assert (record["width"], record["height"]) == (10_000, 10_000)  # the original size
-    from scanner.decode import DEFAULT_MAX_PIXELS, fit_pixels
+    from scanner.decoding.decode import DEFAULT_MAX_PIXELS, fit_pixels
 
     scale = 10_000 / fit_pixels(10_000, 10_000, DEFAULT_MAX_PIXELS)[0]  # scanned -> original pixels
     assert scale > 1.3

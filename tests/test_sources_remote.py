@@ -136,7 +136,7 @@ def test_unknown_scheme_and_missing_fsspec_are_user_errors(monkeypatch):
     with pytest.raises(ScannerError, match="unknown URL scheme 'nope'"):
         iter_sources(["nope://bucket/a.jpg"])
     monkeypatch.setitem(sys.modules, "fsspec", None)  # import fsspec -> ImportError
-    with pytest.raises(ScannerError, match=r"pip install 'scanner\[remote\]'"):
+    with pytest.raises(ScannerError, match=r"pip install 'glff-scanner\[remote\]'"):
         iter_sources(["s3://bucket/a.jpg"])
 
 

@@ -12,8 +12,8 @@ import textwrap
 import pytest
 
 from scanner.errors import LockedError, ScannerError
-from scanner.results import dumps, error_record, result_record
-from scanner.store import OutputLock, ResultStore, iter_records, read_resume_state
+from scanner.scan.results import dumps, error_record, iter_records, result_record
+from scanner.scan.store import OutputLock, ResultStore, read_resume_state
 
 
 def holds(done, ids) -> bool:
@@ -82,7 +82,7 @@ def test_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path):
     # A holder killed with SIGKILL leaves no stale lock: the kernel releases flocks of dead processes.
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from scanner.store import OutputLock
+        from scanner.scan.store import OutputLock
         lock = OutputLock({str(out)!r}); lock.acquire()
         print("locked", flush=True); time.sleep(60)
     """)], stdout=subprocess.PIPE, text=True)

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from scanner.config import ModelConfig, TrainConfig
-from scanner.data import Augment, find_samples
 from scanner.errors import ScannerError
-from scanner.model import Detector
-from scanner.token_cache import TokenCache, augmented_condition, trunk_outputs
-from scanner.token_training import logits_of, patch_columns, train_on_tokens
+from scanner.model.detector import Detector
+from scanner.training.data import Augment, find_samples
+from scanner.training.token_cache import TokenCache, augmented_condition, trunk_outputs
+from scanner.training.token_training import logits_of, patch_columns, train_on_tokens
 
 TINY = ModelConfig(backbone="tiny", embed_dim=16, fusion_heads=2, fusion_layers=1)
 
@@ -51,7 +51,7 @@ def folder(tmp_path):
 
 
 def test_cache_extracts_once_resumes_and_loads_in_the_asked_order(folder, tmp_path, monkeypatch):
-    import scanner.token_cache as tc
+    import scanner.training.token_cache as tc
 
     samples = find_samples(folder)
     model = Detector(TINY, seed=0).eval()
@@ -68,7 +68,7 @@ def test_cache_extracts_once_resumes_and_loads_in_the_asked_order(folder, tmp_pa
     order = samples[::-1]
     tokens, boxes = cache.load(order, "clean")
     with torch.no_grad():
-        from scanner.decode import read_and_decode
+        from scanner.decoding.decode import read_and_decode
 
         want, want_boxes = real(model, [read_and_decode(s.path) for s in order])
     torch.testing.assert_close(tokens, want, atol=1e-2, rtol=1e-3)  # stored as float16

@@ -8,7 +8,7 @@ import torch
 from scanner.backends.torch_cpu import Bf16Detector, cpu_has_native_bf16, resolve_precision
 from scanner.config import ModelConfig
 from scanner.errors import ScannerError
-from scanner.model import Detector
+from scanner.model.detector import Detector
 
 WITH_BF16 = "processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n"
 WITHOUT = "processor : 0\nflags\t\t: fpu sse2 avx2 fma\n"

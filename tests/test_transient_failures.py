@@ -19,15 +19,15 @@ import pytest
 from click.testing import CliRunner
 from fsspec.implementations.memory import MemoryFileSystem
 
-import cli
+from scanner import cli
 from scanner.config import ModelConfig
 from scanner.errors import ItemError
-from scanner.final_view import FinalFilter
-from scanner.model import Detector
-from scanner.retry import RetryPolicy
+from scanner.model.detector import Detector
+from scanner.model.weights import save_detector
+from scanner.scan.final_view import FinalFilter
+from scanner.scan.results import iter_records
 from scanner.sources import Item, iter_sources, read_item
-from scanner.store import iter_records
-from scanner.weights import save_detector
+from scanner.sources.retry import RetryPolicy
 from tests.flaky_http import FlakyServer
 from tests.test_decode import encode, gradient
 
@@ -123,7 +123,7 @@ def test_local_reads_retry_transient_os_errors(tmp_path, monkeypatch):
             raise errors.pop(0)
         return open(file, *args, **kwargs)
 
-    monkeypatch.setattr("scanner.sources.item.open", flaky_open, raising=False)
+    monkeypatch.setattr("scanner.sources.read.open", flaky_open, raising=False)
     assert read_item(Item(str(path), path=str(path)), retry=FAST) == jpeg(0) and len(calls) == 3
     errors.extend([PermissionError(errno.EACCES, "Permission denied")] * 5)
     with pytest.raises(ItemError) as info:

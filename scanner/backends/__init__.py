@@ -1,6 +1,7 @@
-"""Inference backends behind one contract (DESIGN.md section 2, "Engines").
+"""Serving: inference backends behind one contract, the ONNX export and the TensorRT engines
+(docs/design.md, "Backends, export and kernels").
 
-A runner is what scanner.inference calls: `runner.eval()` and `runner(images) -> DetectorOutput`
+A runner is what scanner.scan.inference calls: `runner.eval()` and `runner(images) -> DetectorOutput`
 with `.logits` (B,) and `.boxes` (B, K, 4) int64, for a list of uint8 (3, H_i, W_i) images.
 
     torch        the Detector itself on the CPU (the reference); on a CUDA GPU the torch CUDA runner
@@ -10,6 +11,10 @@ with `.logits` (B,) and `.boxes` (B, K, 4) int64, for a list of uint8 (3, H_i, W
 
 `auto` picks by measurement, not by assumption (see resolve_auto). Optional libraries (onnxruntime,
 tensorrt) are imported only when their backend is asked for.
+
+Also here: export (the detector as two ONNX graphs, and their parity check), ort (ONNX Runtime
+sessions), engines (TensorRT recipes, provenance sidecars, the build behind build_engine.py) and
+compare (the backends timed side by side).
 """
 
 from __future__ import annotations
@@ -103,8 +108,8 @@ def load_backend(name: str, model_path=None, *, threads: int | None = None, engi
 def _load_torch(model_path, threads: int | None, precision: str = "fp32"):
     import torch
 
+    from scanner.backends.export import is_export_dir
     from scanner.backends.torch_cpu import load_torch_cpu
-    from scanner.export import is_export_dir
 
     if is_export_dir(model_path):
         raise ScannerError(f"{str(model_path)!r} is an ONNX export; the torch backend needs the .safetensors "
@@ -124,7 +129,7 @@ def _tensorrt_missing(engines_dir) -> list[str]:
     if not _cuda():
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
     if not _importable("tensorrt"):
-        missing.append("the tensorrt package (pip install 'scanner[gpu]')")
+        missing.append("the tensorrt package (pip install 'glff-scanner[gpu]')")
     if not _engines_built(engines_dir):
         where = f"in {str(engines_dir)!r}" if engines_dir is not None else "(--engines DIR)"
         missing.append(f"built engines {where}: python build_engine.py --model WEIGHTS --recipe engines/NAME.yaml")

@@ -1,9 +1,9 @@
 """The onnxruntime backend: the two exported graphs on the CPU, PSM and crop-resize between them.
 
-    images (uint8) -> global_views -> global.onnx -> fmap, g -> PSM (scanner.patches) -> boxes
+    images (uint8) -> global_views -> global.onnx -> fmap, g -> PSM (scanner.model.patches) -> boxes
         -> crop_resize / 255 -> patches -> local_fuser.onnx (patches, g) -> logits
 
-Same function as the torch Detector (DESIGN.md section 2); the parity tests hold it to that. Given
+Same function as the torch Detector (docs/design.md, section 3); the parity tests hold it to that. Given
 weights (.safetensors), the model is exported once into a cache folder keyed by the weights sha256
 and reused afterwards; given an export folder (with export.json), it runs from that alone.
 """
@@ -18,45 +18,23 @@ from pathlib import Path
 
 import torch
 
-from scanner.crop_resize import crop_patches
+from scanner.backends.ort import INSTALL_HINT, import_onnxruntime, ort_session
 from scanner.errors import ScannerError
-from scanner.model import DetectorOutput
-from scanner.patches import PatchSelector
-from scanner.preprocess import global_views, image_sizes
+from scanner.model.crop_resize import crop_patches
+from scanner.model.detector import DetectorOutput
+from scanner.model.patches import PatchSelector
+from scanner.model.preprocess import global_views, image_sizes
+from scanner.model.weights import ModelInfo
 from scanner.stages import stage
-from scanner.weights import ModelInfo
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'scanner[onnx]'"
-
-
-def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ScannerError(f"the onnxruntime backend needs the onnxruntime package, which is not installed; "
-                           f"run: {INSTALL_HINT} (or use --backend torch)") from None
-    return onnxruntime
-
-
-def ort_session(path, threads: int | None = None):
-    """A CPU InferenceSession: `threads` intra-op threads (default: torch's count), one inter-op thread
-    (the graphs are one chain of convolutions: nothing to run side by side), all graph optimisations."""
-    ort = import_onnxruntime()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
 
 class OnnxRuntimeDetector:
-    """The Detector's inference contract (scanner.inference): `runner(images) -> DetectorOutput`."""
+    """The Detector's inference contract (scanner.scan.inference): `runner(images) -> DetectorOutput`."""
 
     def __init__(self, export_dir, info: ModelInfo, threads: int | None = None):
-        from scanner.export import read_export
+        from scanner.backends.export import read_export
 
         self.export_dir = Path(export_dir)
         meta = read_export(self.export_dir)
@@ -103,8 +81,8 @@ def cached_export(model_path, info: ModelInfo, cache_dir=None, opset: int | None
     Written into a temporary folder and renamed into place, so a crash or a concurrent run never
     leaves a half export where a reader would take it for a finished one.
     """
-    from scanner import export as onnx_export
-    from scanner.weights import load_detector
+    from scanner.backends import export as onnx_export
+    from scanner.model.weights import load_detector
 
     opset = opset or onnx_export.DEFAULT_OPSET
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -129,7 +107,7 @@ def cached_export(model_path, info: ModelInfo, cache_dir=None, opset: int | None
 
 
 def _usable(folder: Path, info: ModelInfo, opset: int) -> bool:
-    from scanner.export import DEFAULT_OPSET, read_export
+    from scanner.backends.export import DEFAULT_OPSET, read_export
 
     if not (folder / "export.json").is_file():
         return False
@@ -158,8 +136,8 @@ def _replace_dir(tmp: Path, target: Path, info: ModelInfo, opset: int) -> None:
 def load_onnxruntime(model_path=None, *, threads: int | None = None,
                      cache_dir=None) -> tuple[OnnxRuntimeDetector, ModelInfo]:
     """The onnxruntime backend for weights (.safetensors; default: the shipped model) or an export folder."""
-    from scanner.export import info_from_export, is_export_dir
-    from scanner.weights import read_info
+    from scanner.backends.export import info_from_export, is_export_dir
+    from scanner.model.weights import read_info
 
     import_onnxruntime()
     if is_export_dir(model_path):

@@ -1,12 +1,12 @@
 """The tensorrt backend: the detector as two TensorRT engines with PSM and crop-resize between them.
 
     images (uint8, CPU) -> CUDA -> global_views -> global engine -> fmap, g
-        -> PSM (scanner.patches, on the device) -> boxes -> crop_resize (on the device) -> patches
+        -> PSM (scanner.model.patches, on the device) -> boxes -> crop_resize (on the device) -> patches
         -> local engine (patches, g) -> logits
 
 Everything between the engines runs on the GPU in torch's current stream, which the engines also
 run on (`execute_async_v3`), so nothing waits on the host until the caller reads the results.
-Engines come from build_engine.py (scanner.engines) and are refused when their sidecar says they
+Engines come from build_engine.py (scanner.backends.engines) and are refused when their sidecar says they
 were built for another TensorRT, GPU or set of weights. tensorrt is imported lazily.
 """
 
@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from scanner.config import ModelConfig
-from scanner.engines import (
+from scanner.backends.engines import (
     Sidecar,
     check_sidecar,
     current_gpu,
@@ -29,10 +28,11 @@ from scanner.engines import (
     sha256_file,
     sidecar_path,
 )
+from scanner.config import ModelConfig
 from scanner.errors import ScannerError
-from scanner.model import DetectorOutput
+from scanner.model.detector import DetectorOutput
+from scanner.model.weights import ModelInfo, read_info
 from scanner.stages import stage
-from scanner.weights import ModelInfo, read_info
 
 # tensorrt.DataType member name -> torch dtype of the buffer we allocate for it.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -114,7 +114,7 @@ class Engine:
 
 
 class TensorRTRunner:
-    """The detector's contract (scanner.inference): `runner(images) -> DetectorOutput`.
+    """The detector's contract (scanner.scan.inference): `runner(images) -> DetectorOutput`.
 
     global_engine: images (B, 3, S, S) -> fmap (B, C, 7, 7), g (B, D).
     local_engine: patches (B, K, 3, S, S), g (B, D) -> logits (B,).
@@ -122,7 +122,7 @@ class TensorRTRunner:
     """
 
     def __init__(self, global_engine, local_engine, cfg: ModelConfig, device: str | torch.device = "cuda"):
-        from scanner.patches import PatchSelector
+        from scanner.model.patches import PatchSelector
 
         self.global_engine = global_engine
         self.local_engine = local_engine
@@ -145,8 +145,8 @@ class TensorRTRunner:
         return DetectorOutput(logits=logits, boxes=boxes.cpu())
 
     def _run(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        from scanner.crop_resize import crop_resize
-        from scanner.preprocess import global_views, image_sizes
+        from scanner.model.crop_resize import crop_resize
+        from scanner.model.preprocess import global_views, image_sizes
 
         size = self.cfg.input_size
         with stage("global", self.device):

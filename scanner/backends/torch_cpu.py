@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from scanner.errors import ScannerError
+from scanner.stages import stage
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,10 @@ class Bf16Detector(torch.nn.Module):
 
 def load_torch_cpu(model_path, precision: str = "auto"):
     """(runner, ModelInfo): the Detector on the CPU at `precision` (auto: bf16 where native)."""
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
 
     model, info = load_detector(model_path)
+    model.step_timer = stage  # the Detector's steps count as the scan's global/psm/crop_resize/local stages
     chosen = resolve_precision(precision, info.config.backbone)
     if chosen == "bf16":
         if not cpu_has_native_bf16():

@@ -1,12 +1,12 @@
 """The torch CUDA backend: the PyTorch detector on a GPU, with the CUDA kernels between its branches.
 
     uint8 (3, H, W) CPU images -> one pinned staging buffer -> one non-blocking copy -> device views
-        -> global view (scanner.preprocess) -> global branch under autocast -> fmap, g
+        -> global view (scanner.model.preprocess) -> global branch under autocast -> fmap, g
         -> PSM kernel (kernels.psm_boxes) -> boxes
         -> crop-resize kernel (kernels.crop_resize_ragged: full-resolution ragged images, the local
            backbone's mean/std fused in) -> local branch on the trunk, AFFM, head -> logits
 
-Same function as scanner.model.Detector (the reference, on any device): the kernels give the
+Same function as scanner.model.detector.Detector (the reference, on any device): the kernels give the
 reference's boxes and patches (kernels/*.cu say exactly how), and only the network's arithmetic
 differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references run on the GPU instead
 (`use_kernels=None` picks; the choice is logged once). torch.compile (mode "reduce-overhead" = CUDA
@@ -20,7 +20,7 @@ of 211 runs as 128 + 64 + 19 padded with zero images to 32 (H100: a cold stream 
 batches took 30 s as given, 15 s so; 5% less warm throughput; docs/benchmarks.md). Padded rows
 never reach the PSM, the crop-resize or the results. `warm_shapes` pays every shape's set-up upfront.
 
-Contract (scanner.inference): `runner.eval()`, `runner(images) -> DetectorOutput` with logits (B,)
+Contract (scanner.scan.inference): `runner.eval()`, `runner(images) -> DetectorOutput` with logits (B,)
 and boxes (B, K, 4) int64 on the CPU. `load_torch_cuda(model_path) -> (runner, info)`.
 """
 
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from scanner.errors import ScannerError
-from scanner.model import Detector, DetectorOutput
-from scanner.preprocess import global_views, image_sizes
+from scanner.model.detector import Detector, DetectorOutput
+from scanner.model.preprocess import global_views, image_sizes
 from scanner.stages import stage
 
 if TYPE_CHECKING:
-    from scanner.weights import ModelInfo
+    from scanner.model.weights import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def dali_available() -> bool:
 
 
 def orient_chw(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Apply an EXIF orientation (1-8) to a (3, H, W) tensor, as scanner.decode does to HWC arrays."""
+    """Apply an EXIF orientation (1-8) to a (3, H, W) tensor, as scanner.decoding.decode does to HWC arrays."""
     if orientation == 2:
         return image.flip(2)
     if orientation == 3:
@@ -132,7 +132,7 @@ def _exif_orientation(data: bytes) -> int:
     """The EXIF orientation as Pillow reads it (header only); 1 when absent or unreadable."""
     from PIL import Image
 
-    from scanner.decode import _orientation
+    from scanner.decoding.decode import _orientation
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -247,13 +247,13 @@ class TorchCudaRunner:
             if use_kernels:
                 raise ScannerError(f"the CUDA kernels need a CUDA device; got {self.device}")
             return False
-        import kernels
+        from scanner import kernels
 
         if use_kernels is None:
             return kernels.available()
         if use_kernels:
             kernels.require_gpu()
-            from kernels.build import nvrtc_version
+            from scanner.kernels.build import nvrtc_version
 
             nvrtc_version()  # KernelUnavailable with what to install
         return bool(use_kernels)
@@ -316,7 +316,7 @@ class TorchCudaRunner:
     def _select(self, fmap: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if self.use_kernels and cfg.patch_strategy == "psm":
-            import kernels
+            from scanner import kernels
 
             return kernels.psm_boxes(fmap, sizes, cfg.windows, cfg.patch_sizes, cfg.picks_per_window)
         return self.model.selector(fmap.float(), sizes).to(self.device)
@@ -325,13 +325,13 @@ class TorchCudaRunner:
         """Patches and whether they are already normalised for the local trunk."""
         size, backbone = self.cfg.input_size, self.model.local_backbone
         if self.use_kernels:
-            import kernels
+            from scanner import kernels
 
             dtype = self.amp_dtype or torch.float32
             mean, std = self._mean_std if self.fuse_normalise else (None, None)
             hwc = [img.permute(1, 2, 0) for img in images]  # views: the kernel reads any strides
             return kernels.crop_resize_ragged(hwc, boxes, size, dtype, mean, std), self.fuse_normalise
-        from scanner.crop_resize import crop_resize
+        from scanner.model.crop_resize import crop_resize
 
         patches = crop_resize(images, boxes.to(self.device), size).div_(255)
         if self.fuse_normalise:
@@ -355,7 +355,7 @@ def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | 
                     compile_mode: str | None = None, max_batch: int = 256,
                     min_shape: int = 32) -> tuple[TorchCudaRunner, ModelInfo]:
     """The torch CUDA backend for the weights at `model_path` (None: the shipped default model)."""
-    from scanner.weights import load_detector
+    from scanner.model.weights import load_detector
 
     if not torch.cuda.is_available():
         raise ScannerError("the torch_cuda backend needs a CUDA GPU, and torch.cuda.is_available() is False here; "

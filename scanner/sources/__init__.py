@@ -1,8 +1,10 @@
-"""Sources: enumerate work items lazily and deterministically (DESIGN.md section 2).
+"""Sources: enumerate work items lazily and deterministically (docs/design.md, "A scan, step by step").
 
-Every source yields `Item`s; `read_item` turns one into bytes on a decode worker. `iter_sources` is
-the entry point of `scanner run`: command-line inputs (directories, files, archives, URLs, brace
-patterns) and then an optional list file.
+Every source yields `Item`s; `read_item` (read) turns one into bytes on a decode worker. `iter_sources`
+is the entry point of `scanner run`: command-line inputs (directories, files, archives, URLs, brace
+patterns) and then an optional list file. Every read goes through retry (which failures are tried
+again, with what backoff and timeouts, and what a read that still fails becomes); reopening keeps a
+remote archive's stream going across dropped connections.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ import os
 from collections.abc import Iterator, Sequence
 
 from scanner.errors import ScannerError
-from scanner.retry import RetryPolicy
 from scanner.sources.archives import archive_kind, iter_tar, iter_zip
 from scanner.sources.directory import iter_directory
-from scanner.sources.item import MAX_ITEM_BYTES, Item, read_item
+from scanner.sources.item import MAX_ITEM_BYTES, Item
 from scanner.sources.listing import (
     STDIN,
     count_list_entries,
@@ -24,7 +25,9 @@ from scanner.sources.listing import (
     iter_input,
     iter_list,
 )
+from scanner.sources.read import read_item
 from scanner.sources.remote import check_url, file_url_path, is_url, iter_url, read_url
+from scanner.sources.retry import RetryPolicy
 from scanner.sources.sniff import looks_like_image
 
 __all__ = [

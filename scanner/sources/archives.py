@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from typing import BinaryIO, Union
 
 from scanner.errors import ItemError
-from scanner.retry import NOT_FOUND, classify, describe
 from scanner.sources.item import MAX_ITEM_BYTES, Item
+from scanner.sources.retry import NOT_FOUND, classify, describe
 
 Source = Union[str, "os.PathLike[str]", BinaryIO]
 

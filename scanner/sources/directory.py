@@ -68,7 +68,7 @@ def iter_directory(root) -> Iterator[Item]:
 
     Lazy: only the listings of the directories on the current path are held. Unreadable directories
     yield an Item with error ("io", ...) whose id is the directory's path and a `/` (so that a later
-    record of a file in it supersedes that error, scanner.final_view); FIFOs, sockets and devices yield error ("not_image", ...)
+    record of a file in it supersedes that error, scanner.scan.final_view); FIFOs, sockets and devices yield error ("not_image", ...)
     (they are never opened: a FIFO would block). Symlinks to directories are skipped.
     """
     root = os.fspath(root)

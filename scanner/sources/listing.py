@@ -18,11 +18,11 @@ import sys
 from collections.abc import Iterable, Iterator
 
 from scanner.errors import ScannerError
-from scanner.retry import NOT_FOUND, RetryPolicy, classify, describe
 from scanner.sources.archives import ARCHIVE_HEAD_BYTES, archive_kind, iter_archive
 from scanner.sources.directory import iter_directory
 from scanner.sources.item import MAX_ITEM_BYTES, Item
 from scanner.sources.remote import file_url_path, is_url, iter_url
+from scanner.sources.retry import NOT_FOUND, RetryPolicy, classify, describe
 from scanner.sources.sniff import has_image_extension
 
 STDIN = "-"

