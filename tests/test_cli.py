@@ -124,7 +124,9 @@ def test_info_and_default_model_load():
     out = CliRunner().invoke(cli.main, ["info"])
     assert out.exit_code == 0, out.output
     payload = json.loads(out.output)
-    assert payload["config"]["backbone"] == "efficientnet_lite0"
+    assert payload["config"]["backbone"] == "clip_b16"
+    assert [(m["name"], m["default"]) for m in payload["shipped"]] == [("clip_b16", True), ("lite0", False)]
+    assert load_detector("default")[1].path == load_detector("clip_b16")[1].path != load_detector("lite0")[1].path
     model, info = load_detector()
     logits = model([torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)]).logits
     assert logits.shape == (1,) and torch.isfinite(logits).all()

@@ -163,11 +163,12 @@ def test_read_export_refuses_unfinished_or_changed_exports(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_parity(tmp_path):
-    """The shipped EfficientNet-Lite0 model, exported with the default exporter (~30-50 s on 2 cores)."""
-    model, info = load_detector()
+@pytest.mark.parametrize("name", ["lite0", "clip_b16"])
+def test_shipped_model_parity(tmp_path, name):
+    """Each shipped model, exported with the default exporter (~30-90 s on 2 cores)."""
+    model, info = load_detector(name)
     result = export_onnx(model, info, tmp_path)
-    assert _io(result.global_path)["fmap"] == ["B", model.backbone.channels, 7, 7]
+    assert _io(result.global_path)["fmap"] == ["B", model.backbone.fmap_channels, 7, 7]
     report = verify_onnx(tmp_path, model, batch=3)
     assert report.ok, report.format()
     worst = {o: max(r.max_abs for r in report.rows if r.output == o) for o in TOLERANCES}
