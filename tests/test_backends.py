@@ -126,8 +126,17 @@ def test_tensorrt_without_gpu_names_what_is_missing(tmp_path):
 
 
 def test_auto_prefers_tensorrt_then_cuda_then_the_measured_cpu_order(monkeypatch, tmp_path):
+    from scanner.backends import torch_cpu
+
     monkeypatch.setattr(backends, "_cuda", lambda: False)
+    monkeypatch.setattr(torch_cpu, "cpu_has_native_bf16", lambda cpuinfo=None: False)
     assert resolve_auto() == "onnxruntime"  # measured faster than torch on the CPU (compare.py)
+    # Where the CPU has native bf16, torch runs the CLIP default in bf16, faster than ONNX Runtime;
+    # the Lite0 model and an ONNX export still go to ONNX Runtime.
+    monkeypatch.setattr(torch_cpu, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    assert resolve_auto() == "torch" and resolve_auto(model_path="clip_b16") == "torch"
+    assert resolve_auto(model_path="lite0") == "onnxruntime"
+    assert resolve_auto(model_path=tmp_path / "missing.safetensors") == "onnxruntime"
     (tmp_path / "lite0_fp16.global.engine").write_bytes(b"plan")
     monkeypatch.setattr(backends, "_cuda", lambda: True)
     monkeypatch.setattr(backends, "_importable", lambda module: True)

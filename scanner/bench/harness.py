@@ -173,7 +173,7 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
     if opts.rounds < 1 or not opts.batch_sizes or min(opts.batch_sizes) < 1:
         raise ScannerError("rounds and batch sizes must be positive")
     set_threads(opts.threads)
-    backend = resolve_auto(opts.engines_dir) if opts.backend == "auto" else opts.backend
+    backend = resolve_auto(opts.engines_dir, opts.model_path) if opts.backend == "auto" else opts.backend
     runner, info = load_backend(backend, opts.model_path, threads=opts.threads, engines_dir=opts.engines_dir,
                                 cache_dir=work_dir / "onnx" if opts.model_path and _scratch(opts.model_path, work_dir)
                                 else None, precision=opts.precision)
