@@ -1,7 +1,7 @@
 """`scanner run`: the production scan (docs/design.md, "A scan, step by step").
 
-    enumerate (thread) -> read + sha256 + decode (pool of threads) -> batches -> model (this thread)
-                                                                             -> write (thread)
+    enumerate (thread) -> read + sha256 + decode (pool of threads) -> batches (this thread) -> model (thread)
+                                                                                          -> write (thread)
 
 The stages are joined by bounded queues, so memory stays flat however long the listing is and a slow
 stage holds the others back instead of piling up work. Records are written in enumeration order, one
@@ -9,6 +9,9 @@ per item, errors at their position; items already done in the output (resume: th
 not a transient error, scanner.scan.final_view) are skipped, and so are files that are not images
 (scanner.sources.sniff). `workers=0` runs every stage on this thread, one
 after the other: the reference the overlap is measured against.
+
+The model runs on a thread of its own with one batch queued beside the one it scores: while batch n is
+scored, this thread gathers batch n+1 and, with a GPU loader, decodes it (_ModelThread).
 
 Loaders (`ScanOptions.loader`, scanner.decoding.loaders). With "cpu" (the default) the workers decode, as
 above. With "dali" the workers read, hash and parse the header only; plain JPEGs keep their bytes
@@ -18,6 +21,7 @@ as before and waits in its place. A JPEG that DALI refuses is handed to the CPU 
 order, resume and error semantics are the same with either loader:
 
     enumerate -> read + sha256 + header (+ decode non-JPEGs) -> batches -> DALI decode -> model -> write
+                                                                    (batch n+1)         (batch n)
 
 Stopping (`stop` event, set by SIGINT/SIGTERM in the CLI): no new items are taken, the batch being
 assembled is scored and written, the output is synced, and the summary says `interrupted`. Items
@@ -217,6 +221,40 @@ class _Writer:
             raise error
 
 
+class _ModelThread:
+    """Scores batches on a thread of its own (the runner's work: inference and records).
+
+    At most one batch waits beside the one being scored, so the pixels held stay bounded while the scan
+    thread gathers (and a GPU loader decodes) the next batch. Records appear in the prepared items
+    (`Prepared.record`) when their batch is done; the scan thread writes them in order. Without a thread
+    (`threaded=False`, the no-overlap reference) a batch is scored on the spot. A model that fails outright
+    raises on the scan thread, at the next submit or wait.
+    """
+
+    def __init__(self, runner: BatchRunner, threaded: bool):
+        self._runner = runner
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="scan-model") if threaded else None
+        self._inflight: deque[Future] = deque()
+
+    def submit(self, batch: list[Prepared]) -> None:
+        if self._pool is None:
+            self._runner.run(batch)
+            return
+        self._inflight.append(self._pool.submit(self._runner.run, batch))
+        while len(self._inflight) > 1:  # the one running, and this one queued
+            self._inflight.popleft().result()
+
+    def wait(self) -> None:
+        """Until every submitted batch is scored."""
+        while self._inflight:
+            self._inflight.popleft().result()
+
+    def close(self) -> None:
+        """Let the batch being scored finish and drop any queued one (after a failure)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _Immediate:
     """Runs a call on this thread and looks like a Future (the no-overlap reference)."""
 
@@ -266,6 +304,7 @@ class _Scan:
     def __init__(self, model, model_id: str, threshold: float, options: ScanOptions, workers: int,
                  stop: threading.Event, loader=None):
         self.runner = BatchRunner(model, model_id, threshold)
+        self.model_thread: _ModelThread | None = None  # made by run()
         self.loader = loader  # None: the workers decode every file (the CPU loader)
         self.model_id = model_id
         self.options = options
@@ -286,10 +325,12 @@ class _Scan:
         feed = _Feed(items, store.done, window_size, threaded, store.retry_ids)
         writer = _Writer(store, progress, threaded)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="scan-decode") if threaded else None
+        self.model_thread = _ModelThread(self.runner, threaded)
         try:
             self._loop(feed, pool, writer, progress, window_size)
         finally:
             feed.close()
+            self.model_thread.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             try:
@@ -330,6 +371,8 @@ class _Scan:
                   or len(self.pending) >= 8 * self.options.batch_size or (exhausted and not window)):
                 self._run_batch(writer)
         self._run_batch(writer)  # the last partial batch, or the one in progress when stopped
+        self.model_thread.wait()
+        self._emit(writer)
 
     def _take(self, p: Prepared, progress: ScanProgress) -> None:
         if p.skip:
@@ -345,11 +388,12 @@ class _Scan:
             self.batch_pixels += p.width * p.height
 
     def _run_batch(self, writer: _Writer) -> None:
-        if self.batch and self.loader is not None:
-            self.batch = self.loader.load(self.batch)  # files it cannot decode have their error records now
-        if self.batch:
-            self.runner.run(self.batch)
-        self.batch, self.batch_pixels = [], 0
+        """Decode the batch (GPU loaders) and hand it to the model thread; write what is finished."""
+        batch, self.batch, self.batch_pixels = self.batch, [], 0
+        if batch and self.loader is not None:
+            batch = self.loader.load(batch)  # files it cannot decode have their error records now
+        if batch:
+            self.model_thread.submit(batch)  # returns once the batch before it is scored
         self._emit(writer)
 
     def _emit(self, writer: _Writer) -> None:
