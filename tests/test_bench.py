@@ -225,3 +225,44 @@ def test_untrained_model_of_a_config_file_keeps_its_model_section(tmp_path):
     assert (cfg.backbone, cfg.trunk_blocks, cfg.embed_dim, cfg.pretrained) == ("efficientnet_lite0", 5, 512, False)
     with pytest.raises(ScannerError, match="no such config file"):
         untrained_model(str(tmp_path / "missing.yaml"), tmp_path)
+
+
+# -- what bounds a scan ------------------------------------------------------------------------------------
+
+
+def test_busy_shares_spread_each_unit_over_its_threads():
+    from scanner.bench.bounds import bound, busy_shares
+
+    seconds = {"enumerate": 0.5, "read": 3.0, "decode": 5.0, "global": 2.0, "psm": 0.5, "crop_resize": 0.5,
+               "local": 4.0, "write": 1.0}
+    shares = busy_shares(seconds, wall=10.0, workers=4)
+    assert shares == pytest.approx({"model": 0.7, "decode": 0.2, "write": 0.1, "enumerate": 0.05})
+    assert bound(shares) == "model"
+    assert bound(busy_shares(seconds, wall=10.0, workers=1)) == "decode"  # 8 s on one thread
+    assert busy_shares(seconds, wall=0.0, workers=1) == {} and bound({}) is None
+
+
+def test_feed_runner_computes_nothing_in_the_contract_shape():
+    from scanner.bench.bounds import FeedRunner
+
+    out = FeedRunner("cpu", patches=3).eval()([torch.zeros(3, 5, 7, dtype=torch.uint8)] * 2)
+    assert out.logits.tolist() == [0.0, 0.0] and out.boxes.shape == (2, 3, 4) and out.boxes.dtype == torch.long
+
+
+def test_bench_with_feed_times_the_scan_without_its_network(tiny_weights, tmp_path):
+    paths = generate_images(tmp_path / "imgs", 6, [(96, 72)])
+    bad = tmp_path / "imgs" / "zz_bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    report = run_bench([*paths, bad], BenchOptions(backend="torch", batch_sizes=[4], workers=2, threads=1,
+                                                   model_path=tiny_weights, naive=False, feed=True),
+                       tmp_path, log=lambda msg: None)
+    r = report["results"][0]
+    assert r["feed_images_per_s"] > 0 and r["rounds"][0]["feed_images_per_s"] == r["feed_images_per_s"]
+    for who in ("ours", "feed"):
+        run = r[who]
+        assert run["images"] == 6 and run["errors"] == 1
+        assert set(run["busy"]) == {"model", "decode", "write", "enumerate"} and run["bound"] in run["busy"]
+        assert all(share >= 0 for share in run["busy"].values())
+    assert r["feed"]["stages"]["local"]["calls"] == 0 < r["ours"]["stages"]["local"]["calls"]  # no network ran
+    scores = {json.loads(line)["score"] for line in (tmp_path / "feed_b4_r0.jsonl").read_text().splitlines()}
+    assert scores == {0.5, None}

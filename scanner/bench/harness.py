@@ -5,7 +5,9 @@ backend, the writer) over a list of the images into a scratch output, timed end 
 stage's busy time recorded (scanner.stages); then the naive baseline (scanner.bench.naive) over the same
 files. Reported: images/s of both and their ratio (medians over rounds, modes alternating so that
 machine noise hits both), per-stage time per image, batch latency percentiles, peak memory, and the
-largest score difference between the two (they compute the same function).
+largest score difference between the two (they compute the same function). Each run also reports each
+unit's busy share of the wall time and the busiest one, its bound (scanner.bench.bounds); with `feed`, the
+same scan with the network replaced by a no-op runs beside it: the rate the CPU side can feed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class BenchOptions:
     naive: bool = True
     rounds: int = 1
     precision: str = "auto"  # torch on the CPU (scanner.backends.torch_cpu)
+    feed: bool = False  # also time the scan with a network that computes nothing (scanner.bench.bounds)
 
 
 # -- memory ---------------------------------------------------------------------------------------------
@@ -96,7 +99,8 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float] | None:
 
 
 def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOptions) -> dict:
-    from scanner.scan.pipeline import ScanOptions, scan
+    from scanner.bench.bounds import bound, busy_shares
+    from scanner.scan.pipeline import ScanOptions, default_workers, scan
     from scanner.scan.results import iter_records
 
     options = ScanOptions(batch_size=batch, workers=opts.workers, force=True, loader=opts.loader,
@@ -109,7 +113,9 @@ def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOp
         summary = scan([], out, runner, info, from_list=str(list_file), options=options)
     images = summary.scanned - summary.errors
     scores = {r["id"]: r["score"] for r in iter_records(out) if r.get("error") is None}
+    shares = busy_shares(times.seconds, summary.seconds, default_workers() if opts.workers is None else opts.workers)
     return {"images": images, "errors": summary.errors, "seconds": summary.seconds,
+            "busy": shares, "bound": bound(shares),
             "images_per_s": images / summary.seconds if summary.seconds > 0 else 0.0,
             "stages": {name: {"seconds": s, "ms_per_image": 1000 * s / max(1, images), "calls": times.calls[name]}
                        for name, s in times.seconds.items()},
@@ -129,10 +135,11 @@ def run_baseline(model, paths: list[Path], batch: int, workers: int) -> dict:
             "gpu_peak_mb": _gpu_peak_mb(), "scores": got.scores}
 
 
-def _warm_up(runner, naive_model, paths: list[Path], batch: int) -> None:
+def _warm_up(runner, naive_model, paths: list[Path], batch: int) -> int:
     """One full batch through each, untimed: session set-up, kernel compilation, and the per-shape
     set-up of cuDNN (seen on an H200: ~2.5 s for the first batch of each new size) stay out. A
-    runner with fixed batch shapes (torch CUDA) also runs each smaller shape a scan meets."""
+    runner with fixed batch shapes (torch CUDA) also runs each smaller shape a scan meets.
+    Returns the boxes per image the runner gives (1 when nothing decoded)."""
     from scanner.bench.naive import naive_forward
     from scanner.decoding.decode import decode
 
@@ -143,14 +150,15 @@ def _warm_up(runner, naive_model, paths: list[Path], batch: int) -> None:
         except Exception:  # noqa: BLE001 - a bad file is the scan's business, not the warm-up's
             continue
     if not images:
-        return
+        return 1
     with torch.inference_mode():
-        runner(images)
+        patches = runner(images).boxes.shape[1]
         warm_shapes = getattr(runner, "warm_shapes", None)
         if warm_shapes is not None:
             warm_shapes(images)
     if naive_model is not None:
         naive_forward(naive_model, [img.float().div(255) for img in images])
+    return patches
 
 
 def _max_diff(a: dict[str, float], b: dict[str, float]) -> float | None:
@@ -164,6 +172,7 @@ def _max_diff(a: dict[str, float], b: dict[str, float]) -> float | None:
 def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) -> dict:
     """Bench `paths` with `opts`, scratch files in `work_dir`; returns the report (see module doc)."""
     from scanner.backends import load_backend, resolve_auto
+    from scanner.bench.bounds import FeedRunner
     from scanner.bench.naive import naive_model
     from scanner.model.weights import load_detector
     from scanner.scan.pipeline import default_workers, set_threads
@@ -188,15 +197,20 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
     list_file.write_text("".join(f"{p}\n" for p in paths))
     results = []
     for batch in opts.batch_sizes:
-        _warm_up(runner, baseline, paths, batch)
+        patches = _warm_up(runner, baseline, paths, batch)
+        feeder = FeedRunner(model_device(runner), patches) if opts.feed else None
         rounds = []
         for r in range(opts.rounds):
             ours = run_ours(runner, info, list_file, work_dir / f"ours_b{batch}_r{r}.jsonl", batch, opts)
-            log(f"batch {batch} round {r + 1}: ours {ours['images_per_s']:.2f} img/s")
+            log(f"batch {batch} round {r + 1}: ours {ours['images_per_s']:.2f} img/s (bound: {ours['bound']})")
             naive = run_baseline(baseline, paths, batch, workers) if baseline is not None else None
             if naive is not None:
                 log(f"batch {batch} round {r + 1}: naive {naive['images_per_s']:.2f} img/s")
-            rounds.append((ours, naive))
+            feed = None
+            if feeder is not None:
+                feed = run_ours(feeder, info, list_file, work_dir / f"feed_b{batch}_r{r}.jsonl", batch, opts)
+                log(f"batch {batch} round {r + 1}: feed {feed['images_per_s']:.2f} img/s (bound: {feed['bound']})")
+            rounds.append((ours, naive, feed))
         results.append(_summarise(batch, rounds))
     first = results[0]
     return {"images_per_s": first["images_per_s"], "naive_images_per_s": first["naive_images_per_s"],
@@ -212,22 +226,28 @@ def _scratch(model_path, work_dir: Path) -> bool:
     return Path(model_path).resolve().is_relative_to(work_dir.resolve())
 
 
-def _summarise(batch: int, rounds: list[tuple[dict, dict | None]]) -> dict:
-    ours_rates = [o["images_per_s"] for o, _ in rounds]
-    naive_rates = [n["images_per_s"] for _, n in rounds if n is not None]
+def _summarise(batch: int, rounds: list[tuple[dict, dict | None, dict | None]]) -> dict:
+    ours_rates = [o["images_per_s"] for o, _, _ in rounds]
+    naive_rates = [n["images_per_s"] for _, n, _ in rounds if n is not None]
+    feed_rates = [f["images_per_s"] for _, _, f in rounds if f is not None]
     ours_mid = statistics.median(ours_rates)
     naive_mid = statistics.median(naive_rates) if naive_rates else None
-    last_ours, last_naive = rounds[-1]
-    strip = ("scores",)
+    last_ours, last_naive, last_feed = rounds[-1]
+
+    def strip(run: dict | None) -> dict | None:
+        return {k: v for k, v in run.items() if k != "scores"} if run else None
+
     return {
         "batch_size": batch,
         "images_per_s": ours_mid,
         "naive_images_per_s": naive_mid,
         "ratio": ours_mid / naive_mid if naive_mid else None,
-        "rounds": [{"images_per_s": o["images_per_s"], "naive_images_per_s": n["images_per_s"] if n else None}
-                   for o, n in rounds],
-        "ours": {k: v for k, v in last_ours.items() if k not in strip},
-        "naive": {k: v for k, v in last_naive.items() if k not in strip} if last_naive else None,
+        "feed_images_per_s": statistics.median(feed_rates) if feed_rates else None,
+        "rounds": [{"images_per_s": o["images_per_s"], "naive_images_per_s": n["images_per_s"] if n else None,
+                    "feed_images_per_s": f["images_per_s"] if f else None} for o, n, f in rounds],
+        "ours": strip(last_ours),
+        "naive": strip(last_naive),
+        "feed": strip(last_feed),
         "max_score_diff": _max_diff(last_ours["scores"], last_naive["scores"]) if last_naive else None,
     }
 
@@ -262,15 +282,30 @@ def print_report(report: dict, console) -> None:
     console.print(f"scanner bench: {report['images']} images, model {report['model']}, backend {report['backend']}, "
                   f"loader {report['loader']}, {report['threads']} threads, {report['decode_workers']} decode workers")
     head = Table()
-    for col in ("batch", "img/s", "naive img/s", "ratio", "batch ms p50", "p90", "p99", "peak RSS MB", "naive", "max |Δ|"):
+    for col in ("batch", "img/s", "naive img/s", "ratio", "feed img/s", "batch ms p50", "p90", "p99", "peak RSS MB",
+                "naive", "max |Δ|"):
         head.add_column(col, justify="right")
     for r in report["results"]:
         lat = r["ours"]["latency_ms"] or {}
         head.add_row(str(r["batch_size"]), f"{r['images_per_s']:.2f}", _fmt(r["naive_images_per_s"], ".2f"),
-                     _fmt(r["ratio"], ".2f", "x"), *(_fmt(lat.get(q), ".0f") for q in ("p50", "p90", "p99")),
+                     _fmt(r["ratio"], ".2f", "x"), _fmt(r.get("feed_images_per_s"), ".2f"),
+                     *(_fmt(lat.get(q), ".0f") for q in ("p50", "p90", "p99")),
                      _fmt(r["ours"]["peak_rss_mb"], ".0f"), _fmt((r["naive"] or {}).get("peak_rss_mb"), ".0f"),
                      _fmt(r["max_score_diff"], ".1e"))
     console.print(head)
+    busy = Table(title="busy share of the wall time per unit (the largest bounds the scan; scanner.bench.bounds)")
+    busy.add_column("run")
+    for unit in ("model", "decode", "write", "enumerate"):
+        busy.add_column(unit, justify="right")
+    busy.add_column("bound")
+    for r in report["results"]:
+        for who in ("ours", "feed"):
+            run = r.get(who)
+            if run and run.get("busy"):
+                busy.add_row(f"batch {r['batch_size']} {who}", *(f"{100 * run['busy'][u]:.0f}%" for u in
+                                                                  ("model", "decode", "write", "enumerate")),
+                             run["bound"])
+    console.print(busy)
     per_stage = Table(title="busy ms per image, summed over threads (stages overlap)")
     per_stage.add_column("stage")
     for r in report["results"]:
