@@ -126,6 +126,25 @@ def test_resolve_and_make(monkeypatch):
     assert isinstance(made, NvjpegLoader) and made.target == torch.device("cpu")
 
 
+def test_the_loader_decodes_without_a_second_header_parse(monkeypatch):
+    """decode_jpeg_cuda (run on the CPU here) applies the EXIF orientation unless told the files have none;
+    the loader's own decode says so, since route() sends it only files of orientation 1."""
+    from scanner.backends import torch_cuda
+    from scanner.decoding import nvjpeg
+
+    rotated = _jpeg(30, 20, 1, exif=_exif_rotated())
+    assert torch_cuda.decode_jpeg_cuda([rotated], "cpu")[0].shape == (3, 30, 20)
+    assert torch_cuda.decode_jpeg_cuda([rotated], "cpu", orient=False)[0].shape == (3, 20, 30)
+
+    def no_parse(data):
+        raise AssertionError("the header was parsed again")
+
+    monkeypatch.setattr(torch_cuda, "_exif_orientation", no_parse)
+    plain = _jpeg(40, 30, 0)
+    got = nvjpeg._nvjpeg([plain], torch.device("cpu"))[0]
+    assert torch.equal(got, decode(plain).image)
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_nvjpeg_loader_matches_the_cpu_decoder_closely():

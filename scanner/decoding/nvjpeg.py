@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 def _nvjpeg(data: list[bytes], device: torch.device) -> list:
     from scanner.backends.torch_cuda import decode_jpeg_cuda
 
-    return decode_jpeg_cuda(data, device)
+    # route() hands the batch only JPEGs whose EXIF orientation is 1: no second header parse on the scan thread.
+    return decode_jpeg_cuda(data, device, orient=False)
 
 
 class NvjpegLoader:
