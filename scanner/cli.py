@@ -247,6 +247,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="Rounds per batch size, ours and the baseline alternating; medians are reported.")
 @click.option("--no-naive", "no_naive", is_flag=True, help="Skip the naive baseline.")
+@click.option("--serial-model", "serial_model", is_flag=True,
+              help="Score on the scan thread instead of the model's own thread (before/after comparisons).")
 @click.option("--feed", is_flag=True, help="Also time the scan with the network replaced by a no-op, in the same run: "
               "the rate reading, hashing, decoding, batching and writing can feed a network.")
 @click.option("--quick", is_flag=True, help="A smoke run: 12 small generated images, batch 4, one round.")
@@ -254,7 +256,7 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
               help="Also write the report as JSON (images_per_s, naive_images_per_s, ratio, stages, ...).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engines_dir, precision, workers, threads,
-              model_path, arch, rounds, no_naive, feed, quick, json_out, seed):
+              model_path, arch, rounds, no_naive, serial_model, feed, quick, json_out, seed):
     """Measure scan throughput (images/s end to end and per stage, batch latency, peak memory) against a
     naive baseline run on the same images in the same run. FOLDER: images to sample (default: generated)."""
     import json
@@ -284,7 +286,7 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
         resolve_loader(loader)  # a missing DALI or GPU is an error before anything starts
         opts = BenchOptions(backend=backend, loader=loader, batch_sizes=batches, workers=workers,
                             threads=threads, model_path=model_path, engines_dir=engines_dir, naive=not no_naive,
-                            rounds=rounds, precision=precision, feed=feed)
+                            rounds=rounds, precision=precision, feed=feed, model_thread=not serial_model)
         report = run_bench(paths, opts, work, log=lambda msg: click.echo(f"scanner: {msg}", err=True))
     from rich.console import Console
 

@@ -266,3 +266,14 @@ def test_bench_with_feed_times_the_scan_without_its_network(tiny_weights, tmp_pa
     assert r["feed"]["stages"]["local"]["calls"] == 0 < r["ours"]["stages"]["local"]["calls"]  # no network ran
     scores = {json.loads(line)["score"] for line in (tmp_path / "feed_b4_r0.jsonl").read_text().splitlines()}
     assert scores == {0.5, None}
+
+
+def test_cli_bench_feed_and_serial_model(tiny_weights, tmp_path):
+    generate_images(tmp_path / "imgs", 4, [(48, 40)])
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "imgs"), "--backend", "torch", "--model",
+                                       str(tiny_weights), "--batch-size", "2", "--no-naive", "--feed",
+                                       "--serial-model", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    r = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert r["feed_images_per_s"] > 0 and r["feed"]["images"] == r["ours"]["images"] == 4
+    assert "bound" in result.output and "batch 2 feed" in result.output

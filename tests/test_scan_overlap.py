@@ -123,17 +123,20 @@ def test_the_next_batch_is_decoded_while_this_one_is_scored(monkeypatch, detecto
 
 def test_records_equal_the_one_thread_reference(monkeypatch, detector, folder, tmp_path):
     model, info = detector
-    got = {}
-    for workers in (0, 3):
+    got, threads = {}, {}
+    for workers, model_thread in ((0, True), (3, True), (3, False)):
         loader = _StandInLoader(info.model_id, None)
         _use_loader(monkeypatch, loader)
-        out = tmp_path / f"w{workers}.jsonl"
-        scan(folder, out, _Model(model), info, options=ScanOptions(batch_size=3, workers=workers))
-        got[workers] = _records(out)
-    ids = [r["id"] for r in got[0]]
+        out = tmp_path / f"w{workers}{model_thread}.jsonl"
+        wrapped = _Model(model)
+        scan(folder, out, wrapped, info, options=ScanOptions(batch_size=3, workers=workers, model_thread=model_thread))
+        got[workers, model_thread], threads[workers, model_thread] = _records(out), wrapped.threads
+    ids = [r["id"] for r in got[0, True]]
     assert len(ids) == len(set(ids)) == 16 and ids == sorted(ids)
-    assert got[3] == got[0]
-    assert [r["error"]["kind"] for r in got[0] if r["error"]] == ["not_image", "decode"]
+    assert got[3, True] == got[0, True] == got[3, False]
+    scan_thread = {threading.current_thread().name}
+    assert threads[0, True] == threads[3, False] == scan_thread != threads[3, True]
+    assert [r["error"]["kind"] for r in got[0, True] if r["error"]] == ["not_image", "decode"]
 
 
 def test_stopping_writes_what_was_handed_to_the_model_and_a_rerun_does_the_rest(monkeypatch, detector, folder,

@@ -42,6 +42,7 @@ class BenchOptions:
     rounds: int = 1
     precision: str = "auto"  # torch on the CPU (scanner.backends.torch_cpu)
     feed: bool = False  # also time the scan with a network that computes nothing (scanner.bench.bounds)
+    model_thread: bool = True  # False: the scan scores on its own thread (the pipeline before issue 23)
 
 
 # -- memory ---------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOp
     from scanner.scan.results import iter_records
 
     options = ScanOptions(batch_size=batch, workers=opts.workers, force=True, loader=opts.loader,
-                          fsync_interval=3600.0)
+                          fsync_interval=3600.0, model_thread=opts.model_thread)
     times = stages.StageTimes()
     _reset_peak_rss()
     _gpu_reset()

@@ -67,6 +67,7 @@ class ScanOptions:
     force: bool = False  # start over instead of resuming
     fsync_interval: float = 5.0
     loader: str = "cpu"  # "cpu" | "dali" | "nvjpeg" | "auto" (scanner.decoding.loaders.resolve_loader)
+    model_thread: bool = True  # score on a thread of its own (False: on the scan thread; bench comparisons)
 
     @property
     def retry(self):
@@ -325,7 +326,7 @@ class _Scan:
         feed = _Feed(items, store.done, window_size, threaded, store.retry_ids)
         writer = _Writer(store, progress, threaded)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="scan-decode") if threaded else None
-        self.model_thread = _ModelThread(self.runner, threaded)
+        self.model_thread = _ModelThread(self.runner, threaded and self.options.model_thread)
         try:
             self._loop(feed, pool, writer, progress, window_size)
         finally:
