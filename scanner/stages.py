@@ -13,7 +13,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-STAGES = ("enumerate", "read", "decode", "global", "psm", "crop_resize", "local", "write")
+# batch_decode: a GPU loader decoding a batch on the scan thread (decode: the CPU decoder on the workers).
+STAGES = ("enumerate", "read", "decode", "batch_decode", "global", "psm", "crop_resize", "local", "write")
 
 
 class StageTimes:

@@ -4,8 +4,8 @@ A scan is a pipeline (scanner.scan.pipeline): its rate is that of its busiest un
 stage times of one bench run (scanner.stages) into the share of the wall time each unit worked:
 
     model     the model thread: global view, PSM, crop-resize and local branch (one thread)
-    decode    the decode workers: read + sha256 + decode, spread over `workers` threads; with a GPU
-              loader its batch decode, on the scan thread, counts here too
+    decode    the decode workers: read + sha256 + decode, spread over `workers` threads
+    scan      the scan thread's timed work: a GPU loader's batch decode (its batching is not timed)
     write     the writer thread (one)
     enumerate the listing thread (one)
 
@@ -24,6 +24,7 @@ import torch
 from scanner.model.detector import DetectorOutput
 
 MODEL_STAGES = ("global", "psm", "crop_resize", "local")
+UNITS = ("model", "decode", "scan", "write", "enumerate")
 
 
 def busy_shares(stage_seconds: dict[str, float], wall: float, workers: int) -> dict[str, float]:
@@ -33,7 +34,7 @@ def busy_shares(stage_seconds: dict[str, float], wall: float, workers: int) -> d
     model = sum(stage_seconds.get(name, 0.0) for name in MODEL_STAGES)
     decode = stage_seconds.get("read", 0.0) + stage_seconds.get("decode", 0.0)
     return {"model": model / wall, "decode": decode / (wall * max(1, workers)),
-            "write": stage_seconds.get("write", 0.0) / wall, "enumerate": stage_seconds.get("enumerate", 0.0) / wall}
+            "scan": stage_seconds.get("batch_decode", 0.0) / wall, "write": stage_seconds.get("write", 0.0) / wall, "enumerate": stage_seconds.get("enumerate", 0.0) / wall}
 
 
 def bound(shares: dict[str, float]) -> str | None:

@@ -280,6 +280,8 @@ def environment() -> dict:
 def print_report(report: dict, console) -> None:
     from rich.table import Table
 
+    from scanner.bench.bounds import UNITS
+
     console.print(f"scanner bench: {report['images']} images, model {report['model']}, backend {report['backend']}, "
                   f"loader {report['loader']}, {report['threads']} threads, {report['decode_workers']} decode workers")
     head = Table()
@@ -296,15 +298,14 @@ def print_report(report: dict, console) -> None:
     console.print(head)
     busy = Table(title="busy share of the wall time per unit (the largest bounds the scan; scanner.bench.bounds)")
     busy.add_column("run")
-    for unit in ("model", "decode", "write", "enumerate"):
+    for unit in UNITS:
         busy.add_column(unit, justify="right")
     busy.add_column("bound")
     for r in report["results"]:
         for who in ("ours", "feed"):
             run = r.get(who)
             if run and run.get("busy"):
-                busy.add_row(f"batch {r['batch_size']} {who}", *(f"{100 * run['busy'][u]:.0f}%" for u in
-                                                                  ("model", "decode", "write", "enumerate")),
+                busy.add_row(f"batch {r['batch_size']} {who}", *(f"{100 * run['busy'][u]:.0f}%" for u in UNITS),
                              run["bound"])
     console.print(busy)
     per_stage = Table(title="busy ms per image, summed over threads (stages overlap)")

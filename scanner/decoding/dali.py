@@ -384,7 +384,7 @@ class DaliLoader:
         from scanner.scan.prepare import decode_into
 
         todo = [p for p in batch if p.encoded is not None]
-        with stage("decode", self.decoder.target):
+        with stage("batch_decode", self.decoder.target):
             results = self.decoder.decode_jpegs([p.encoded for p in todo]) if todo else []
         for p, got in zip(todo, results):
             data, p.encoded = p.encoded, None

@@ -59,7 +59,7 @@ class NvjpegLoader:
         from scanner.scan.prepare import decode_into
 
         todo = [p for p in batch if p.encoded is not None]
-        with stage("decode", self.target):
+        with stage("batch_decode", self.target):
             results = self.decode([p.encoded for p in todo], self.target) if todo else []
         for p, got in zip(todo, results):
             data, p.encoded = p.encoded, None
