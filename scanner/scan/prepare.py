@@ -58,7 +58,10 @@ def prepare(item: Item, model_id: str, options: DecodeOptions, loader=None) -> P
                 out.skip = True
                 return out
             out.sha256 = hashlib.sha256(data).hexdigest()
-        size = loader.route(data, options) if loader is not None else None
+        size = None
+        if loader is not None:
+            with stage("decode"):  # the header check that routes the file; a GPU loader decodes it later
+                size = loader.route(data, options)
     except Exception as exc:  # noqa: BLE001 - see _fail
         return _fail(out, exc, model_id)
     if size is not None:

@@ -1,0 +1,133 @@
+"""Leave-one-generator-out linear probes: do CLIP's patch tokens add to its class tokens? (issue 20)
+
+    python research/clip_pooling_probe.py --data DATA_DIR/dev DATA_DIR/extra DATA_DIR/photoreal \
+        --work runs/clip_pooling --json docs/clip_pooling_probe.json
+
+The shipped CLIP detector reads, per view, the class token after layers 4-9 of the frozen tower
+(configs/clip_b16.yaml); the 196 patch tokens of those layers feed only the PSM. A generator's traces are
+local (upsampling, textures), so statistics over the patch tokens might carry what the class token
+averages away. Each image's global view (scanner.model.preprocess) goes once per condition (clean, JPEG
+q75) through the first 9 layers (bf16); per layer 4-9 the cache (--work, feats_<condition>.npz) keeps
+the class token, and the mean and the standard deviation over the patch tokens, each token first
+layer-normalised over its channels (as the detector normalises its class tokens). For each fold of
+scanner.training.leave_one_out's plan, a logistic regression (research/feature_probe.py's fit_probe:
+standardised features, balanced classes), trained on the fold's clean + JPEG q75 features, is scored by
+AP on the held-out sources under both conditions, for feature sets that add the patch statistics to the
+class tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from feature_probe import cached_features, fit_probe, held_out_ap  # noqa: E402  (research/ sibling)
+
+TAPS = (4, 5, 6, 7, 8, 9)  # 1-based layers, as configs/clip_b16.yaml
+SETS = {
+    "cls": ("cls",),
+    "cls+mean": ("cls", "mean"),
+    "cls+mean+std": ("cls", "mean", "std"),
+    "mean+std": ("mean", "std"),
+}
+
+
+def extract(samples, condition: str, batch: int = 32) -> dict[str, np.ndarray]:
+    """{cls, mean, std}: (N, len(TAPS), 768) float16 each, for each sample's global view."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD, LN_EPS, WIDTH, load_clip_trunk
+    from scanner.model.preprocess import global_views
+    from scanner.training.data import ImageDataset, collate
+    from scanner.training.leave_one_out import CONDITIONS as TRANSFORMS
+
+    trunk = load_clip_trunk(max(TAPS)).eval()
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    seen: list[torch.Tensor] = []
+    for i, layer in enumerate(trunk.layers, start=1):
+        if i in TAPS:
+            layer.register_forward_hook(lambda m, inp, out: seen.append(out.float()))
+    loader = DataLoader(ImageDataset(samples, transform=TRANSFORMS[condition]), batch_size=batch,
+                        num_workers=1, collate_fn=collate)
+    out = {k: np.zeros((len(samples), len(TAPS), WIDTH), np.float16) for k in ("cls", "mean", "std")}
+    done, start = 0, time.perf_counter()
+    for images, _, index in loader:
+        views = (global_views(images) - mean) / std
+        seen.clear()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            trunk.tokens(views)
+        tokens = torch.nn.functional.layer_norm(torch.stack(seen, 1), (WIDTH,), eps=LN_EPS)  # (B, T, 197, 768)
+        rows = index.numpy()
+        out["cls"][rows] = tokens[:, :, 0].numpy()
+        out["mean"][rows] = tokens[:, :, 1:].mean(2).numpy()
+        out["std"][rows] = tokens[:, :, 1:].std(2).numpy()
+        done += len(images)
+        print(f"{condition}: {done}/{len(samples)} images, {done / (time.perf_counter() - start):.1f}/s",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def probe(samples, feats: dict, folds: dict, parts: tuple[str, ...], c: float) -> dict:
+    from scanner.training.data import split_by_source
+
+    index = {s.path: i for i, s in enumerate(samples)}
+    labels = np.array([s.label for s in samples])
+    x = {cond: np.concatenate([f[p].reshape(len(samples), -1) for p in parts], 1).astype(np.float32)
+         for cond, f in feats.items()}
+    out: dict[str, dict] = {cond: {} for cond in feats}
+    for fold, sources in folds.items():
+        train, held = split_by_source(samples, tuple(sources), 0.3, 0)
+        tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
+        score = fit_probe(np.concatenate([x["clean"][tr], x["jpeg75"][tr]]), np.concatenate([labels[tr]] * 2), c)
+        for cond in feats:
+            out[cond][fold] = held_out_ap(held, score(x[cond][te]), sources)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", required=True, help="one or more data folders (pools)")
+    parser.add_argument("--work", default="runs/clip_pooling", help="feature cache")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--c", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from scanner.training.data import find_samples
+    from scanner.training.leave_one_out import fold_plan
+
+    torch.set_num_threads(2)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    samples = find_samples(args.data)
+    folds = fold_plan(args.data)
+    feats = {cond: cached_features(work / f"feats_{cond}.npz", samples, lambda todo, cond=cond: extract(todo, cond))
+             for cond in ("clean", "jpeg75")}
+    rows = []
+    for name in args.sets:
+        start = time.perf_counter()
+        aps = probe(samples, feats, folds, SETS[name], args.c)
+        row = {"features": name, "ap": aps,
+               "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
+               "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
+        rows.append(row)
+        print(f"{name:<14} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}"
+                                         for cond in aps) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"c": args.c, "taps": TAPS, "images": len(samples), "folds": folds,
+                                              "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
