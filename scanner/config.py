@@ -45,6 +45,9 @@ class ModelConfig:
     # the trunk's vector (empty: the last kept layer). Several middle layers together tell unseen
     # generators apart better than any one (docs/clip_layer_probe.json).
     trunk_taps: tuple[int, ...] = ()
+    # clip_b16 only: what each tap gives the vector: its class token ("cls"), and the mean and the standard
+    # deviation over its patch tokens ("mean", "std"; docs/clip_pooling_probe.json).
+    trunk_pool: tuple[str, ...] = ("cls",)
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -63,6 +66,8 @@ class ModelConfig:
                 raise ScannerError(f"model.trunk_blocks is {self.trunk_blocks}; {self.backbone} has blocks 1-{depth}")
         if self.trunk_taps and self.backbone != "clip_b16":
             raise ScannerError("model.trunk_taps applies to backbone clip_b16 only")
+        if tuple(self.trunk_pool) != ("cls",) and self.backbone != "clip_b16":
+            raise ScannerError("model.trunk_pool applies to backbone clip_b16 only")
         if self.embed_dim % self.fusion_heads:
             raise ScannerError("model.embed_dim must be divisible by model.fusion_heads")
 

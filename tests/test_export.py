@@ -189,3 +189,15 @@ def test_cli_export_prints_the_parity_report(tmp_path):
     assert quiet.exit_code == 0 and "parity" not in quiet.stdout
     missing = runner.invoke(cli.main, ["export", "--model", str(tmp_path / "nope.safetensors"), "--out", str(out)])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_pooled_clip_trunk_exports_with_parity(tmp_path):
+    """The CLIP trunk with patch-token statistics in its vector (model.trunk_pool) exports and matches PyTorch."""
+    cfg = ModelConfig(backbone="clip_b16", pretrained=False, trunk_blocks=1, trunk_pool=("cls", "mean", "std"),
+                      embed_dim=16, fusion_heads=2, fusion_layers=1, picks_per_window=1)
+    save_detector(Detector(cfg, seed=0), tmp_path / "pooled.safetensors", name="pooled", threshold=0.5)
+    model, info = load_detector(tmp_path / "pooled.safetensors")
+    assert model.embed[0].in_features == 3 * 768
+    export_onnx(model, info, tmp_path / "export")
+    report = verify_onnx(tmp_path / "export", model, batch=3)
+    assert report.ok, report.format()

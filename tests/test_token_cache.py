@@ -26,8 +26,10 @@ def _images(sizes, seed=0):
 
 @pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, picks_per_window=1),
                                  dataclasses.replace(TINY, backbone="clip_b16", trunk_blocks=1, pretrained=False,
-                                                     embed_dim=32, fusion_heads=4)],
-                         ids=["tiny", "tiny-1-pick", "clip-1-layer"])
+                                                     embed_dim=32, fusion_heads=4),
+                                 dataclasses.replace(TINY, backbone="clip_b16", trunk_blocks=1, pretrained=False,
+                                                     embed_dim=32, fusion_heads=4, trunk_pool=("cls", "mean", "std"))],
+                         ids=["tiny", "tiny-1-pick", "clip-1-layer", "clip-pooled"])
 def test_fuse_on_trunk_outputs_is_the_detectors_logit(cfg):
     model = Detector(cfg, seed=0).eval()
     images = _images([(300, 260), (224, 224), (90, 500), (64, 64)])  # one smaller than every patch

@@ -168,7 +168,8 @@ def _tiny(cfg: ModelConfig) -> Backbone:
 def _clip_b16(cfg: ModelConfig) -> Backbone:
     from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD, LAYERS, WIDTH, load_clip_trunk
 
-    trunk = load_clip_trunk(cfg.trunk_blocks or LAYERS, pretrained=cfg.pretrained, taps=tuple(cfg.trunk_taps))
+    trunk = load_clip_trunk(cfg.trunk_blocks or LAYERS, pretrained=cfg.pretrained, taps=tuple(cfg.trunk_taps),
+                            pool=tuple(cfg.trunk_pool))
     return Backbone(trunk, trunk.channels, CLIP_MEAN, CLIP_STD, fmap_channels=WIDTH)
 
 

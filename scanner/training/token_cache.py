@@ -46,6 +46,8 @@ def trunk_key(model) -> str:
     # Not picks_per_window: fewer picks are a prefix of more (token_training.patch_columns).
     geometry = {k: getattr(cfg, k) for k in ("backbone", "trunk_blocks", "input_size", "patch_strategy", "windows",
                                              "patch_sizes", "shared_trunk")}
+    if tuple(cfg.trunk_pool) != ("cls",):  # a wider vector from the same weights (named only when not the default,
+        geometry["trunk_pool"] = list(cfg.trunk_pool)  # so that caches made before it keep their key)
     digest.update(json.dumps(geometry, sort_keys=True, default=list).encode())
     for backbone in (model.backbone, model.local_backbone):
         for name, tensor in sorted(backbone.state_dict().items()):
