@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feature_probe import fit_probe, held_out_ap  # noqa: E402  (bench/ sibling)
+from feature_probe import fit_probe, fold_setup, held_out_ap  # noqa: E402  (bench/ sibling)
 
 CONDITIONS = ("clean", "jpeg75", "downscale0.5")
 
@@ -104,17 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-
-    import torch
-
-    from scanner.training.data import find_samples
-    from scanner.training.leave_one_out import fold_plan
-
-    torch.set_num_threads(2)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    samples = find_samples(args.data)
-    folds = fold_plan(args.data)
+    samples, folds, work = fold_setup(args.data, args.work)
     feats = {cond: cls_tokens(samples, cond, args.layers, work) for cond in ["clean", "jpeg75"] + [
         c for c in args.conditions if c not in ("clean", "jpeg75")]}
     rows = []

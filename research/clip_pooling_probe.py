@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from feature_probe import cached_features, fit_probe, held_out_ap  # noqa: E402  (research/ sibling)
+from feature_probe import cached_features, fit_probe, fold_setup, held_out_ap  # noqa: E402  (research/ sibling)
 
 TAPS = (4, 5, 6, 7, 8, 9)  # 1-based layers, as configs/clip_b16.yaml
 SETS = {
@@ -100,17 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-
-    import torch
-
-    from scanner.training.data import find_samples
-    from scanner.training.leave_one_out import fold_plan
-
-    torch.set_num_threads(2)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    samples = find_samples(args.data)
-    folds = fold_plan(args.data)
+    samples, folds, work = fold_setup(args.data, args.work)
     feats = {cond: cached_features(work / f"feats_{cond}.npz", samples, lambda todo, cond=cond: extract(todo, cond))
              for cond in ("clean", "jpeg75")}
     rows = []

@@ -81,6 +81,19 @@ def features(samples, condition: str, work: Path) -> dict[str, np.ndarray]:
     return cached_features(work / f"feats_{condition}.npz", samples, lambda todo: extract(todo, condition))
 
 
+def fold_setup(data: list[str], work: str) -> tuple[list, dict[str, list[str]], Path]:
+    """(samples, leave-one-out folds, work folder made) for a probe over the pools `data`; torch on 2 threads."""
+    import torch
+
+    from scanner.training.data import find_samples
+    from scanner.training.leave_one_out import fold_plan
+
+    torch.set_num_threads(2)
+    folder = Path(work)
+    folder.mkdir(parents=True, exist_ok=True)
+    return find_samples(data), fold_plan(data), folder
+
+
 def fit_probe(x: np.ndarray, y: np.ndarray, c: float):
     """A logistic regression on standardised features, classes balanced; returns its scorer."""
     from sklearn.linear_model import LogisticRegression
