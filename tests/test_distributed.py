@@ -161,8 +161,8 @@ def test_interrupted_run_then_resumed_from_the_cli(corpus, weights, local, tmp_p
     assert first.interrupted and 0 < first.scanned < len(local)
     assert len(part_records(out)) == first.scanned
     names = list_parts(str(out))
-    assert len(names) >= 2
-    (out / names[0]).unlink()  # lost: scanned again; the other parts are kept: skipped
+    assert names  # one part or more, as the stop met the actors' calls (a loaded machine: often one)
+    (out / names[0]).unlink()  # lost: scanned again; any other parts are kept: skipped
     kept = len(part_records(out))
     # `--ray` before the inputs: they are not taken for an address
     result = CliRunner().invoke(cli.main, ["run", "--ray", *corpus, "--out", str(out), "--model", str(weights),
