@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feature_probe import fit_probe, fold_setup, held_out_ap  # noqa: E402  (bench/ sibling)
+from feature_probe import fold_aps, fold_setup  # noqa: E402  (bench/ sibling)
 
 CONDITIONS = ("clean", "jpeg75", "downscale0.5")
 
@@ -78,21 +78,7 @@ def layer_norm(x: np.ndarray) -> np.ndarray:
 
 
 def probe(samples, feats: dict, folds: dict, layer: int, augment: bool, c: float) -> dict:
-    from scanner.training.data import split_by_source
-
-    index = {s.path: i for i, s in enumerate(samples)}
-    labels = np.array([s.label for s in samples])
-    x = {cond: layer_norm(feats[cond][:, layer]) for cond in feats}
-    out: dict[str, dict] = {cond: {} for cond in feats}
-    for fold, sources in folds.items():
-        train, held = split_by_source(samples, tuple(sources), 0.3, 0)
-        tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
-        fit_x = np.concatenate([x["clean"][tr], x["jpeg75"][tr]]) if augment else x["clean"][tr]
-        fit_y = np.concatenate([labels[tr]] * (2 if augment else 1))
-        score = fit_probe(fit_x, fit_y, c)
-        for cond in feats:
-            out[cond][fold] = held_out_ap(held, score(x[cond][te]), sources)
-    return out
+    return fold_aps(samples, {cond: layer_norm(feats[cond][:, layer]) for cond in feats}, folds, c, augment)
 
 
 def main(argv: list[str] | None = None) -> int:

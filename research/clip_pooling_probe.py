@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from feature_probe import cached_features, fit_probe, fold_setup, held_out_ap  # noqa: E402  (research/ sibling)
+from feature_probe import cached_features, fold_aps, fold_setup  # noqa: E402  (research/ sibling)
 
 TAPS = (4, 5, 6, 7, 8, 9)  # 1-based layers, as configs/clip_b16.yaml
 SETS = {
@@ -76,20 +76,9 @@ def extract(samples, condition: str, batch: int = 32) -> dict[str, np.ndarray]:
 
 
 def probe(samples, feats: dict, folds: dict, parts: tuple[str, ...], c: float) -> dict:
-    from scanner.training.data import split_by_source
-
-    index = {s.path: i for i, s in enumerate(samples)}
-    labels = np.array([s.label for s in samples])
     x = {cond: np.concatenate([f[p].reshape(len(samples), -1) for p in parts], 1).astype(np.float32)
          for cond, f in feats.items()}
-    out: dict[str, dict] = {cond: {} for cond in feats}
-    for fold, sources in folds.items():
-        train, held = split_by_source(samples, tuple(sources), 0.3, 0)
-        tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
-        score = fit_probe(np.concatenate([x["clean"][tr], x["jpeg75"][tr]]), np.concatenate([labels[tr]] * 2), c)
-        for cond in feats:
-            out[cond][fold] = held_out_ap(held, score(x[cond][te]), sources)
-    return out
+    return fold_aps(samples, x, folds, c)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,24 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float):
     return lambda z: clf.predict_proba(scaler.transform(z))[:, 1]
 
 
+def fold_aps(samples, x: dict[str, np.ndarray], folds: dict, c: float, augment: bool = True) -> dict:
+    """condition -> fold -> held-out AP of a probe per leave-one-out fold, fitted on the fold's training split
+    (clean features, plus the JPEG q75 ones with `augment`); x: condition -> (N, F) features of `samples`."""
+    from scanner.training.data import split_by_source
+
+    index = {s.path: i for i, s in enumerate(samples)}
+    labels = np.array([s.label for s in samples])
+    out: dict[str, dict] = {cond: {} for cond in x}
+    for fold, sources in folds.items():
+        train, held = split_by_source(samples, tuple(sources), 0.3, 0)
+        tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
+        fit_x = np.concatenate([x["clean"][tr], x["jpeg75"][tr]]) if augment else x["clean"][tr]
+        score = fit_probe(fit_x, np.concatenate([labels[tr]] * (2 if augment else 1)), c)
+        for cond in x:
+            out[cond][fold] = held_out_ap(held, score(x[cond][te]), sources)
+    return out
+
+
 def held_out_ap(held, scores: np.ndarray, sources) -> float:
     """Mean AP over the held-out generator's sources (each against the held-out reals)."""
     from scanner.training.evaluate import per_source_ap
