@@ -79,6 +79,23 @@ def test_cache_extracts_once_resumes_and_loads_in_the_asked_order(folder, tmp_pa
         TokenCache(tmp_path / "cache", model).load(samples[:1], "jpeg75")
 
 
+def test_a_folder_named_relatively_or_absolutely_reads_the_same_rows(folder, tmp_path, monkeypatch):
+    import scanner.training.token_cache as tc
+
+    model = Detector(TINY, seed=0).eval()
+    monkeypatch.chdir(folder.parent)
+    relative = find_samples(folder.name)
+    cache = TokenCache(tmp_path / "cache", model)
+    cache.ensure(relative, "clean", batch_size=4, num_workers=0)
+    absolute = find_samples(folder.resolve())
+    assert [str(s.path) for s in absolute] != [str(s.path) for s in relative]
+    calls = []
+    monkeypatch.setattr(tc, "trunk_outputs", lambda m, imgs: calls.append(len(imgs)))
+    cache.ensure(absolute, "clean", batch_size=4, num_workers=0)
+    assert calls == []  # nothing extracted twice
+    torch.testing.assert_close(cache.load(absolute, "clean")[0], cache.load(relative, "clean")[0])
+
+
 def _seeded(cfg, seed):
     torch.manual_seed(seed)
     return Detector(cfg)

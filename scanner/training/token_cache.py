@@ -13,7 +13,9 @@ order), and `boxes` int32 (n, K, 4). The trunk key hashes the trunk's weights an
 decides the views (input size, patch strategy, windows, patch sizes), so a cache is never read for
 another trunk; trunk.json records the config it was made with, whose picks per window may exceed a
 reader's (token_training.patch_columns takes the reader's subset). Shards are written whole (temporary name, then rename): an interrupted
-extraction keeps every finished shard and resumes with the images it lacks.
+extraction keeps every finished shard and resumes with the images it lacks. Rows are keyed by the
+image's resolved path, so `--data ../x` and `--data /abs/x` find the same rows (a relative path
+stored by an older cache resolves against the working directory).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from scanner.model.preprocess import global_views, image_sizes
 from scanner.training.data import Augment, ImageDataset, Sample, collate
 
 SHARD_IMAGES = 256
+
+
+def row_key(path) -> str:
+    """The key of an image's rows: its resolved path (one image, one key, however it was named)."""
+    return str(Path(path).resolve())
 
 
 def trunk_key(model) -> str:
@@ -120,15 +127,15 @@ class TokenCache:
         for shard in self._shards(condition):
             with np.load(shard) as data:
                 for path, tokens, boxes in zip(data["paths"], data["tokens"], data["boxes"]):
-                    rows[str(path)] = (tokens, boxes)
+                    rows[row_key(path)] = (tokens, boxes)
         return rows
 
     def ensure(self, samples: list[Sample], condition: str, *, batch_size: int = 32, num_workers: int = 1,
                bf16: bool = False, log=None) -> None:
         """Extract what the cache lacks of `samples` under `condition`: a name of
         scanner.training.leave_one_out.CONDITIONS ("clean", "jpeg75", "downscale0.5") or augmented_condition()."""
-        have = {str(p) for shard in self._shards(condition) for p in np.load(shard)["paths"]}
-        todo = [s for s in samples if str(s.path) not in have]
+        have = {row_key(p) for shard in self._shards(condition) for p in np.load(shard)["paths"]}
+        todo = [s for s in samples if row_key(s.path) not in have]
         if not todo:
             return
         folder = self.dir / condition
@@ -146,7 +153,7 @@ class TokenCache:
         for images, _, index in loader:
             with autocast:
                 tokens, boxes = trunk_outputs(self.model, images)
-            paths = np.array([str(todo[i].path) for i in index.tolist()])
+            paths = np.array([row_key(todo[i].path) for i in index.tolist()])
             pending.append((paths, tokens.numpy().astype(np.float16), boxes.numpy().astype(np.int32)))
             done += len(images)
             if sum(len(p[0]) for p in pending) >= SHARD_IMAGES or done == len(todo):
@@ -200,12 +207,13 @@ class TokenCache:
     def load(self, samples: list[Sample], condition: str) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens float32 (N, K+1, C) and boxes int64 (N, K, 4) of `samples`, in their order."""
         rows = self._read(condition)
-        missing = [str(s.path) for s in samples if str(s.path) not in rows]
+        keys = [row_key(s.path) for s in samples]
+        missing = [str(s.path) for s, key in zip(samples, keys) if key not in rows]
         if missing:
             raise ScannerError(f"the token cache {self.dir / condition} lacks {len(missing)} images "
                                f"(e.g. {missing[0]}); extract them first (TokenCache.ensure)")
-        tokens = torch.from_numpy(np.stack([rows[str(s.path)][0] for s in samples])).float()
-        boxes = torch.from_numpy(np.stack([rows[str(s.path)][1] for s in samples])).long()
+        tokens = torch.from_numpy(np.stack([rows[key][0] for key in keys])).float()
+        boxes = torch.from_numpy(np.stack([rows[key][1] for key in keys])).long()
         return tokens, boxes
 
 
