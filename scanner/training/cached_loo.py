@@ -57,8 +57,6 @@ def run_fold(model, tokens, labels, train_idx, held_idx, train_conds, cfg, colum
 
 def cached_leave_one_out(cfg: Config, data_dirs, out_dir, cache_dir, *, folds: list[str] | None = None,
                          max_fpr: float = 0.05, bf16: bool = False, log=print) -> dict:
-    from scanner.training.evaluate import per_source_ap
-
     out_dir = Path(out_dir)
     (out_dir / "folds").mkdir(parents=True, exist_ok=True)
     samples = find_samples(data_dirs)
@@ -75,9 +73,7 @@ def cached_leave_one_out(cfg: Config, data_dirs, out_dir, cache_dir, *, folds: l
     labels = torch.tensor([s.label for s in samples])
     index = {s.path: i for i, s in enumerate(samples)}
 
-    manifest = read_manifest(data_dirs)
-    report_folds, oof = {}, {}
-    real_only_logits: dict[int, list[float]] = {}
+    fold_logits = {}
     for fold, sources in plan.items():
         train, held = split_by_source(samples, tuple(sources), cfg.train.real_only_val_share, cfg.train.seed)
         train_idx = torch.tensor([index[s.path] for s in train])
@@ -88,31 +84,53 @@ def cached_leave_one_out(cfg: Config, data_dirs, out_dir, cache_dir, *, folds: l
         else:
             logits = run_fold(model, tokens, labels, train_idx, held_idx, train_conds, cfg, columns, log)
             np.savez(saved, index=held_idx, **logits)
-        result = {"sources": sources, "family": manifest.get(sources[0], {}).get("family", ""), "images": len(held),
-                  "conditions": {}}
-        for cond in CONDITIONS:
-            aps = {src: ap for src, ap in per_source_ap(held, _sigmoid(logits[cond])).items() if src in sources}
-            known = [ap for ap in aps.values() if ap is not None]
-            result["conditions"][cond] = {"per_source_ap": aps, "ap": float(np.mean(known)) if known else None}
-        report_folds[fold] = result
-        for i, s, z in zip(held_idx, held, logits["clean"]):
-            if s.source in sources:
+        fold_logits[fold] = (held_idx, logits)
+        result = fold_result(samples, held_idx, sources, logits, {})
+        log(f"fold {fold}: AP " + ", ".join(f"{c} {_fmt(v['ap'])}" for c, v in result["conditions"].items()))
+
+    report = report_from_fold_logits(samples, plan, read_manifest(data_dirs), fold_logits, max_fpr)
+    report.update({"config": json.loads(cfg.to_json()), "token_cache": str(cache.dir), "patch_columns": columns})
+    (out_dir / "leave_one_out.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "leave_one_out.md").write_text(format_markdown(report))
+    return report
+
+
+def fold_result(samples, held_idx, sources, logits: dict[str, np.ndarray], manifest: dict) -> dict:
+    """One fold's report entry: AP per source and its mean, per evaluation condition."""
+    from scanner.training.evaluate import per_source_ap
+
+    held = [samples[i] for i in held_idx]
+    result = {"sources": list(sources), "family": manifest.get(sources[0], {}).get("family", ""), "images": len(held),
+              "conditions": {}}
+    for cond in CONDITIONS:
+        aps = {src: ap for src, ap in per_source_ap(held, _sigmoid(logits[cond])).items() if src in sources}
+        known = [ap for ap in aps.values() if ap is not None]
+        result["conditions"][cond] = {"per_source_ap": aps, "ap": float(np.mean(known)) if known else None}
+    return result
+
+
+def report_from_fold_logits(samples, plan: dict, manifest: dict, fold_logits: dict, max_fpr: float = 0.05) -> dict:
+    """The leave-one-out report from each fold's held-out logits: fold_logits[fold] = (held indices
+    into `samples`, {condition: logits}). Folds, summary, family means and, with several folds, the
+    out-of-fold calibration, threshold and false-positive rates."""
+    report_folds, oof = {}, {}
+    real_only_logits: dict[int, list[float]] = {}
+    for fold, (held_idx, logits) in fold_logits.items():
+        sources = plan[fold]
+        report_folds[fold] = fold_result(samples, held_idx, sources, logits, manifest)
+        for i, z in zip(held_idx, logits["clean"]):
+            if samples[i].source in sources:
                 oof[int(i)] = (fold, float(z))
             else:  # a held-out real-only photo: scored by every fold
                 real_only_logits.setdefault(int(i), []).append(float(z))
-        log(f"fold {fold}: AP " + ", ".join(f"{c} {_fmt(v['ap'])}" for c, v in result["conditions"].items()))
-
     summary = {cond: _mean_min([f["conditions"][cond]["ap"] for f in report_folds.values()]) for cond in CONDITIONS}
     families = sorted({f["family"] for f in report_folds.values()})
     family_means = {fam: {cond: _mean_min([f["conditions"][cond]["ap"] for f in report_folds.values()
                                            if f["family"] == fam])["mean_ap"] for cond in CONDITIONS}
                     for fam in families}
-    report = {"folds": report_folds, "summary": summary, "family_means": family_means, "config": json.loads(cfg.to_json()),
-              "token_cache": str(cache.dir), "patch_columns": columns}
-    if len(plan) > 1:
+    report = {"folds": report_folds, "summary": summary, "family_means": family_means}
+    if len(fold_logits) > 1:
         report.update(_oof_analysis(samples, oof, real_only_logits, manifest, max_fpr))
-    (out_dir / "leave_one_out.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "leave_one_out.md").write_text(format_markdown(report))
     return report
 
 
