@@ -48,6 +48,10 @@ class ModelConfig:
     # clip_b16 only: what each tap gives the vector: its class token ("cls"), and the mean and the standard
     # deviation over its patch tokens ("mean", "std"; docs/clip_pooling_probe.json).
     trunk_pool: tuple[str, ...] = ("cls",)
+    # clip_b16 only: several heads (embedding, AFFM, logit layer) whose logits are averaged, each reading
+    # the parts of trunk_pool named here, e.g. [[cls], [cls, mean, std]] (scanner.model.member_heads);
+    # empty: one head reading the whole vector.
+    head_pools: tuple[tuple[str, ...], ...] = ()
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -68,6 +72,14 @@ class ModelConfig:
             raise ScannerError("model.trunk_taps applies to backbone clip_b16 only")
         if tuple(self.trunk_pool) != ("cls",) and self.backbone != "clip_b16":
             raise ScannerError("model.trunk_pool applies to backbone clip_b16 only")
+        if self.head_pools:
+            if self.backbone != "clip_b16":
+                raise ScannerError("model.head_pools applies to backbone clip_b16 only")
+            for part in self.head_pools:
+                if isinstance(part, str) or not part or any(p not in self.trunk_pool for p in part) \
+                        or len(set(part)) != len(part):
+                    raise ScannerError(f"model.head_pools: {part!r} is not a list of distinct parts of "
+                                       f"model.trunk_pool {list(self.trunk_pool)}")
         if self.embed_dim % self.fusion_heads:
             raise ScannerError("model.embed_dim must be divisible by model.fusion_heads")
 
@@ -125,7 +137,7 @@ class Config:
 def _coerce(value: Any, current: Any) -> Any:
     # YAML gives lists where the dataclasses hold tuples.
     if isinstance(current, tuple) and isinstance(value, list):
-        return tuple(value)
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)  # nested too (model.head_pools)
     return value
 
 

@@ -201,3 +201,15 @@ def test_pooled_clip_trunk_exports_with_parity(tmp_path):
     export_onnx(model, info, tmp_path / "export")
     report = verify_onnx(tmp_path / "export", model, batch=3)
     assert report.ok, report.format()
+
+
+def test_clip_with_several_heads_exports_with_parity(tmp_path):
+    """Several heads on one CLIP trunk (model.head_pools): g is their embeddings side by side, the logit their mean."""
+    cfg = ModelConfig(backbone="clip_b16", pretrained=False, trunk_blocks=1, trunk_pool=("cls", "mean", "std"),
+                      head_pools=(("cls",), ("cls", "mean", "std")), embed_dim=16, fusion_heads=2, fusion_layers=1,
+                      picks_per_window=1)
+    save_detector(Detector(cfg, seed=0), tmp_path / "heads.safetensors", name="heads", threshold=0.5)
+    model, info = load_detector(tmp_path / "heads.safetensors")
+    export_onnx(model, info, tmp_path / "export")
+    report = verify_onnx(tmp_path / "export", model, batch=3)
+    assert report.ok, report.format()

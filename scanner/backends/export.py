@@ -103,7 +103,7 @@ def graph_shapes(model: nn.Module) -> dict[str, dict[str, list]]:
     """The contract's shapes for this model, batch axis as "B": {graph: {tensor name: shape}}."""
     cfg = model.cfg
     s, fm = cfg.input_size, cfg.input_size // 32
-    k, c, d = PatchSelector(cfg).count, model.backbone.fmap_channels, cfg.embed_dim
+    k, c, d = PatchSelector(cfg).count, model.backbone.fmap_channels, model.global_width
     b = BATCH_AXIS
     return {
         "global": {"images": [b, 3, s, s], "fmap": [b, c, fm, fm], "g": [b, d]},

@@ -56,7 +56,7 @@ def naive_model(model):
 def naive_forward(model, images: list[torch.Tensor]) -> torch.Tensor:
     """float32 (3, H, W) images in [0, 1] -> logits (B,), one image and one patch at a time."""
     size = model.cfg.input_size
-    device = model.head.weight.device
+    device = model.device
     images = [img.to(device) for img in images]
     views = []
     for img in images:

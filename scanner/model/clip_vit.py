@@ -44,6 +44,16 @@ LN_EPS = 1e-5
 POOLS = ("cls", "mean", "std")  # what a tap may give the vector (ClipVisionTrunk)
 
 
+def pool_columns(taps: int, trunk_pool, part) -> list[int]:
+    """Where, in the vector of a trunk with `taps` taps and `trunk_pool`, lie the values that a trunk
+    with the same taps and pool `part` (a subset) gives: per tap, the parts in POOLS order."""
+    have = [p for p in POOLS if p in trunk_pool]
+    want = [p for p in POOLS if p in part]
+    if not want or any(p not in have for p in want):
+        raise ScannerError(f"{list(part)} is not a part of the trunk's pool {have}")
+    return [(t * len(have) + have.index(p)) * WIDTH + c for t in range(taps) for p in want for c in range(WIDTH)]
+
+
 class QuickGELU(nn.Module):
     """CLIP's activation: x * sigmoid(1.702 x)."""
 

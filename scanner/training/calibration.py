@@ -63,6 +63,8 @@ def reliability_table(probs, labels, edges=(0, 0.001, 0.01, 0.05, 0.2, 0.5, 0.8,
 
 @torch.no_grad()
 def fold_into_head(model, a: float, b: float) -> None:
-    """Make model.head output a * logit + b, so sigmoid of the model's logit is the calibrated score."""
-    model.head.weight.mul_(a)
-    model.head.bias.mul_(a).add_(b)
+    """Make model.head output a * logit + b, so sigmoid of the model's logit is the calibrated score.
+    With several heads, each gets it: the mean of a * z_i + b is a * (mean logit) + b."""
+    for head in (model.head.linears() if hasattr(model.head, "linears") else [model.head]):
+        head.weight.mul_(a)
+        head.bias.mul_(a).add_(b)

@@ -70,7 +70,7 @@ def trunk_outputs(model, images: list[torch.Tensor]) -> tuple[torch.Tensor, torc
     The same steps as Detector.forward up to Detector.fuse, so that
     `model.fuse(tokens[:, :-1], model.embed(tokens[:, -1]))` is the detector's logit.
     """
-    device = model.head.weight.device
+    device = model.device
     views = global_views(images, model.cfg.input_size).to(device)
     fmap, vector = model._features(model.backbone, views)  # (B, C, 7, 7), (B, C)
     boxes = model.selector(fmap.detach().float(), image_sizes(images))  # (B, K, 4)

@@ -97,8 +97,10 @@ def train_on_tokens(model, conditions: list[torch.Tensor], labels: torch.Tensor,
             for c, tokens in enumerate(conditions):
                 mine = choice[idx] == c
                 batch[mine] = tokens[idx[mine]]
-            logits = model.fuse(batch[:, columns], model.embed(batch[:, -1]))[0]
-            loss = loss_fn(logits, labels[idx])
+            # Each head's own loss, summed: a head's gradient is what it would get trained alone
+            # (Adam is per parameter), so several heads train as they would one by one.
+            logits = model.head_logits(batch[:, columns], model.embed(batch[:, -1]))[0]  # (b, M)
+            loss = sum(loss_fn(logits[:, m], labels[idx]) for m in range(logits.shape[1]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -120,8 +120,8 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, name: str = "d
             task = progress.add_task(f"epoch {epoch}/{tc.epochs}", total=len(train_set), info="")
             losses, start = [], time.time()
             for images, labels, _ in train_loader:
-                logits = model(images).logits
-                loss = loss_fn(logits, labels)
+                heads = model(images).head_logits  # (B, M): each head its own loss, as on cached tokens
+                loss = sum(loss_fn(heads[:, m], labels) for m in range(heads.shape[1]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
