@@ -23,14 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def class_token_columns(pooled_cfg, cls_cfg) -> list[int]:
     """Channels of the pooled vector that hold the class tokens of cls_cfg's taps."""
-    from scanner.model.clip_vit import POOLS, WIDTH
+    from scanner.model.clip_vit import pool_columns
 
     if tuple(cls_cfg.trunk_pool) != ("cls",) or tuple(pooled_cfg.trunk_taps) != tuple(cls_cfg.trunk_taps) \
             or pooled_cfg.trunk_blocks != cls_cfg.trunk_blocks:
         raise SystemExit("--config must be a class-token recipe with the pooled recipe's layers and taps")
-    parts = [p for p in POOLS if p in pooled_cfg.trunk_pool]
-    first = parts.index("cls")
-    return [(t * len(parts) + first) * WIDTH + c for t in range(len(cls_cfg.trunk_taps)) for c in range(WIDTH)]
+    return pool_columns(len(cls_cfg.trunk_taps), pooled_cfg.trunk_pool, ("cls",))
 
 
 def main(argv=None) -> int:
