@@ -3,7 +3,7 @@
 Each head (member) is the paper's embedding, AFFM and logit layer, reading its own part of the
 trunk's vector: e.g. the class tokens alone, and the class tokens with the patch-token statistics.
 Heads that see different features make different mistakes, so their mean logit ranks better than
-either (docs/loo_clip_b16_members.json), while the trunk, the cost of a scan, runs once.
+either (docs/loo_clip_b16_heads_seed1.json), while the trunk, the cost of a scan, runs once.
 
 The three containers stand where a single head's modules stand (Detector.embed, .fusion, .head),
 so everything that runs or exports the detector keeps its shape contract, with the embedding M
