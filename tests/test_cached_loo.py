@@ -154,3 +154,25 @@ def test_training_conditions_mix_fixed_degradations_and_draws(tmp_path):
     bad = load_config(None, {"model": cfg.to_dict()["model"], "train": {"cached_conditions": ["jpeg50"]}})
     with pytest.raises(ScannerError, match="jpeg50"):
         training_conditions(cache, bad)
+
+
+def test_leave_one_out_of_several_heads_is_the_mean_of_their_recipes(pools, tmp_path):
+    """model.head_pools: each head trains as its own recipe would, so a fold's logits are the mean of those recipes'."""
+    clip = ("model: {backbone: clip_b16, pretrained: false, trunk_blocks: 1, embed_dim: 16, fusion_heads: 2, "
+            "fusion_layers: 1, picks_per_window: 1, %s}\n"
+            "train: {epochs: 2, batch_size: 8, lr: 0.003, num_workers: 0, real_only_val_share: 0.5, "
+            "cached_conditions: [jpeg75]}\n")
+    recipes = {"cls": "trunk_pool: [cls]", "pooled": "trunk_pool: [cls, mean]",
+               "heads": "trunk_pool: [cls, mean], head_pools: [[cls], [cls, mean]]"}
+    reports = {}
+    for name, model_part in recipes.items():
+        (tmp_path / f"{name}.yaml").write_text(clip % model_part)
+        reports[name] = cached_leave_one_out(load_config(tmp_path / f"{name}.yaml"), pools, tmp_path / name,
+                                             tmp_path / "cache", log=lambda m: None)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # the heads read the pooled recipe's cache
+    for fold in reports["heads"]["folds"]:
+        runs = {name: np.load(tmp_path / name / "folds" / f"{fold}.npz") for name in recipes}
+        for cond in ("clean", "jpeg75"):
+            want = (runs["cls"][cond] + runs["pooled"][cond]) / 2
+            np.testing.assert_allclose(runs["heads"][cond], want, atol=2e-3)  # fp16 tokens of two caches
+    assert reports["heads"]["summary"]["clean"]["mean_ap"] is not None
