@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from scanner.config import load_config
 from scanner.model.detector import Detector
@@ -30,4 +31,5 @@ def test_config_builds_and_every_freeze_prefix_names_parameters(path):
     names = [name for name, _ in model.named_parameters()]
     unmatched = [pre for pre in cfg.train.freeze if not any(name.startswith(pre) for name in names)]
     assert not unmatched, f"{path.name}: freeze prefixes that name no parameter: {unmatched}"
-    assert model.embed[0].out_features == cfg.model.embed_dim
+    heads = max(1, len(cfg.model.head_pools))  # model.head_pools: that many embeddings side by side
+    assert model.embed(torch.zeros(1, model.backbone.channels)).shape[-1] == cfg.model.embed_dim * heads
