@@ -1,6 +1,6 @@
 """The class-token CLIP recipe's leave-one-out, read from the pooled recipe's token cache.
 
-    python research/clip_cls_from_pooled_cache.py --config configs/clip_b16.yaml \
+    python research/clip_cls_from_pooled_cache.py --config configs/experiments/clip_b16_cls.yaml \
         --pooled-config configs/experiments/clip_b16_pooled.yaml --token-cache runs/tokens --seed 1 \
         --data DATA_DIR/dev DATA_DIR/extra DATA_DIR/photoreal --out runs/loo_cls_s1 [--folds a,b,...]
 

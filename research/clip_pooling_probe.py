@@ -4,7 +4,7 @@
         --work runs/clip_pooling --json docs/clip_pooling_probe.json
 
 The shipped CLIP detector reads, per view, the class token after layers 4-9 of the frozen tower
-(configs/clip_b16.yaml); the 196 patch tokens of those layers feed only the PSM. A generator's traces are
+(configs/experiments/clip_b16_cls.yaml); the 196 patch tokens of those layers feed only the PSM. A generator's traces are
 local (upsampling, textures), so statistics over the patch tokens might carry what the class token
 averages away. Each image's global view (scanner.model.preprocess) goes once per condition (clean, JPEG
 q75) through the first 9 layers (bf16); per layer 4-9 the cache (--work, feats_<condition>.npz) keeps
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from feature_probe import cached_features, fold_aps, fold_setup  # noqa: E402  (research/ sibling)
 
-TAPS = (4, 5, 6, 7, 8, 9)  # 1-based layers, as configs/clip_b16.yaml
+TAPS = (4, 5, 6, 7, 8, 9)  # 1-based layers, as configs/experiments/clip_b16_cls.yaml
 SETS = {
     "cls": ("cls",),
     "cls+mean": ("cls", "mean"),

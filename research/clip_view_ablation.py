@@ -1,6 +1,6 @@
 """Do the PSM patches add to the CLIP detector's global view? Leave-one-out on cached tokens (issue 20).
 
-    python research/clip_view_ablation.py --config configs/clip_b16.yaml --token-cache runs/tokens \
+    python research/clip_view_ablation.py --config configs/experiments/clip_b16_cls.yaml --token-cache runs/tokens \
         --data DATA_DIR/dev DATA_DIR/extra DATA_DIR/photoreal --json docs/clip_view_ablation.json
 
 The same recipe and folds as `scanner eval --leave-one-out --token-cache`, trained on the clean

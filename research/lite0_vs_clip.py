@@ -36,8 +36,10 @@ def main(argv=None) -> int:
     from scanner.training.leave_one_out import fold_plan
 
     report = json.loads((Path(args.loo) / "leave_one_out.json").read_text())
-    cfg = load_config(None, {"train": {"real_only_val_share": report["config"]["train"]["real_only_val_share"],
-                                       "seed": report["config"]["train"]["seed"]}})
+    # a report of research/loo_logit_mean.py has no config of its own: its runs share one split
+    run_cfg = report.get("config") or json.loads((Path(report["runs"][0]) / "leave_one_out.json").read_text())["config"]
+    cfg = load_config(None, {"train": {"real_only_val_share": run_cfg["train"]["real_only_val_share"],
+                                       "seed": run_cfg["train"]["seed"]}})
     dev = {s for s in read_manifest(args.data[0])}
     samples = find_samples(args.data)
     plan = {f: src for f, src in fold_plan(args.data).items() if not set(src) & dev}
