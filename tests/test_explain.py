@@ -133,6 +133,35 @@ def test_attention_shown_sums_to_what_the_model_gave(tmp_path, weights, loaded):
     np.testing.assert_allclose(expl.heatmap, ref.fmap[0].float().mean(0).numpy(), atol=1e-6)
 
 
+def test_a_model_of_several_heads_shows_their_mean_attention(tmp_path):
+    """model.head_pools: each head has its own AFFM; the attention shown is the mean of theirs, and says so."""
+    cfg = ModelConfig(backbone="clip_b16", pretrained=False, trunk_blocks=1, trunk_pool=("cls", "mean"),
+                      head_pools=(("cls",), ("cls", "mean")), embed_dim=16, fusion_heads=2, fusion_layers=2,
+                      picks_per_window=1)
+    torch.manual_seed(0)
+    path = tmp_path / "heads.safetensors"
+    save_detector(Detector(cfg, seed=0), path, name="two-heads", threshold=0.5)
+    src = tmp_path / "img.png"
+    noise_image(src, 300, 260, seed=2)
+    expl, _ = ex.explain_file(str(src), model_path=path, out=tmp_path / "o.png")
+
+    model, _ = load_detector(path)
+    seen = {}
+    model.fusion.register_forward_pre_hook(lambda module, args: seen.update(tokens=args[0]))  # returns None
+    image = decode(open(src, "rb").read(), downscale_large=True).image
+    with torch.no_grad():
+        model([image], need_weights=True)
+        tokens, dim = seen["tokens"], cfg.embed_dim
+        rows = []
+        for i, affm in enumerate(model.fusion.members):  # each head's own last-layer attention, alone
+            last = affm(tokens[..., i * dim:(i + 1) * dim], need_weights=True)[1][-1][0]
+            rows.append(last[-1, :-1])
+    assert len(rows) == 2 and not torch.allclose(rows[0], rows[1], atol=1e-3)  # the heads differ
+    np.testing.assert_allclose(expl.attention, torch.stack(rows).mean(0).numpy(), atol=1e-6)
+    assert expl.attention.sum() + expl.global_self == pytest.approx(1.0, abs=1e-5)
+    assert any("2 heads" in note for note in expl.notes)
+
+
 def test_backend_without_fmap_uses_torch_for_heatmap_and_attention(tmp_path, weights, loaded, monkeypatch):
     src = tmp_path / "img.png"
     noise_image(src, 400, 300, seed=2)

@@ -148,7 +148,8 @@ class Explanation:
     boxes:       int (K, 4) [x0, y0, x1, y1] from the backend that gave the score.
     groups:      int (K,) window-size index of each box (0: 3x3 windows, 1: 2x2 windows).
     heatmap:     float (h, w) channel mean of the global feature map, None when unavailable.
-    attention:   float (K,) last AFFM layer, head-averaged, global token -> each patch token.
+    attention:   float (K,) last AFFM layer, head-averaged, global token -> each patch token (the mean
+                 over the model's heads where it has several).
     global_self: float, the weight the global token keeps for itself in that row.
     """
 
@@ -229,6 +230,9 @@ def explain_image(image: torch.Tensor, model, info, *, image_id: str = "", runne
         last = _to_numpy(attn[-1][0])  # (K+1, K+1), query rows, global token last
         k = last.shape[0] - 1
         attention, global_self = last[k, :k].astype(np.float64), float(last[k, k])
+        if len(cfg.head_pools) > 1:  # each head has its own AFFM (model.head_pools)
+            notes.append(f"The model has {len(cfg.head_pools)} heads, each with its own AFFM: the attention shown "
+                         "is their mean, as the score is the mean of their logits.")
     from scanner.scan.results import label_for
 
     return Explanation(
