@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feature_probe import fold_aps, fold_setup  # noqa: E402  (bench/ sibling)
+from feature_probe import clip_global_views, fold_aps, fold_setup  # noqa: E402  (research/ sibling)
 
 CONDITIONS = ("clean", "jpeg75", "downscale0.5")
 
@@ -32,30 +32,19 @@ CONDITIONS = ("clean", "jpeg75", "downscale0.5")
 def extract(samples, condition: str, layers: int, batch: int = 32) -> np.ndarray:
     """(N, layers, 768) float16: the class token after each layer, for each sample's global view."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD, load_clip_trunk
-    from scanner.model.preprocess import global_views
-    from scanner.training.data import ImageDataset, collate
-    from scanner.training.leave_one_out import CONDITIONS as TRANSFORMS
+    from scanner.model.clip_vit import load_clip_trunk
 
     trunk = load_clip_trunk(layers).eval()
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     seen: list[torch.Tensor] = []
     for layer in trunk.layers:
         layer.register_forward_hook(lambda m, i, out: seen.append(out[:, 0].float()))
-    loader = DataLoader(ImageDataset(samples, transform=TRANSFORMS[condition]), batch_size=batch,
-                        num_workers=1, collate_fn=collate)
     out = np.zeros((len(samples), layers, 768), np.float16)
-    done = 0
-    for images, _, index in loader:
-        views = (global_views(images) - mean) / std
+    for views, rows in clip_global_views(samples, condition, batch):
         seen.clear()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             trunk.tokens(views)
-        out[index.numpy()] = torch.stack(seen, 1).numpy()  # (B, layers, 768)
-        done += len(images)
-        print(f"{condition}: {done}/{len(samples)} images", file=sys.stderr, flush=True)
+        out[rows] = torch.stack(seen, 1).numpy()  # (B, layers, 768)
     return out
 
 

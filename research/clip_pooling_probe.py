@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from feature_probe import cached_features, fold_aps, fold_setup  # noqa: E402  (research/ sibling)
+from feature_probe import cached_features, clip_global_views, fold_aps, fold_setup  # noqa: E402  (research/ sibling)
 
 TAPS = (4, 5, 6, 7, 8, 9)  # 1-based layers, as configs/experiments/clip_b16_cls.yaml
 SETS = {
@@ -42,36 +42,23 @@ SETS = {
 def extract(samples, condition: str, batch: int = 32) -> dict[str, np.ndarray]:
     """{cls, mean, std}: (N, len(TAPS), 768) float16 each, for each sample's global view."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD, LN_EPS, WIDTH, load_clip_trunk
-    from scanner.model.preprocess import global_views
-    from scanner.training.data import ImageDataset, collate
-    from scanner.training.leave_one_out import CONDITIONS as TRANSFORMS
+    from scanner.model.clip_vit import LN_EPS, WIDTH, load_clip_trunk
 
     trunk = load_clip_trunk(max(TAPS)).eval()
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     seen: list[torch.Tensor] = []
     for i, layer in enumerate(trunk.layers, start=1):
         if i in TAPS:
             layer.register_forward_hook(lambda m, inp, out: seen.append(out.float()))
-    loader = DataLoader(ImageDataset(samples, transform=TRANSFORMS[condition]), batch_size=batch,
-                        num_workers=1, collate_fn=collate)
     out = {k: np.zeros((len(samples), len(TAPS), WIDTH), np.float16) for k in ("cls", "mean", "std")}
-    done, start = 0, time.perf_counter()
-    for images, _, index in loader:
-        views = (global_views(images) - mean) / std
+    for views, rows in clip_global_views(samples, condition, batch):
         seen.clear()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             trunk.tokens(views)
         tokens = torch.nn.functional.layer_norm(torch.stack(seen, 1), (WIDTH,), eps=LN_EPS)  # (B, T, 197, 768)
-        rows = index.numpy()
         out["cls"][rows] = tokens[:, :, 0].numpy()
         out["mean"][rows] = tokens[:, :, 1:].mean(2).numpy()
         out["std"][rows] = tokens[:, :, 1:].std(2).numpy()
-        done += len(images)
-        print(f"{condition}: {done}/{len(samples)} images, {done / (time.perf_counter() - start):.1f}/s",
-              file=sys.stderr, flush=True)
     return out
 
 

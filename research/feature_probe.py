@@ -65,6 +65,30 @@ def extract(samples, condition: str, batch: int = 64) -> dict[str, np.ndarray]:
     return {name: torch.cat(parts).numpy() for name, parts in feats.items()}
 
 
+def clip_global_views(samples, condition: str, batch: int = 32):
+    """Yields (global views, CLIP-normalised (B, 3, 224, 224); their rows in `samples`) under the
+    leave-one-out condition (clean, jpeg75, downscale0.5), with progress on stderr."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD
+    from scanner.model.preprocess import global_views
+    from scanner.training.data import ImageDataset, collate
+    from scanner.training.leave_one_out import CONDITIONS as TRANSFORMS
+
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    loader = DataLoader(ImageDataset(samples, transform=TRANSFORMS[condition]), batch_size=batch,
+                        num_workers=1, collate_fn=collate)
+    done, start = 0, time.perf_counter()
+    for images, _, index in loader:
+        yield (global_views(images) - mean) / std, index.numpy()
+        done += len(images)
+        print(f"{condition}: {done}/{len(samples)} images, {done / (time.perf_counter() - start):.1f}/s",
+              file=sys.stderr, flush=True)
+
+
 def cached_features(cache: Path, samples, extract_fn) -> dict[str, np.ndarray]:
     """extract_fn(samples) -> {name: (N, F) array}, kept in the .npz cache while the sample paths match."""
     paths = [str(s.path) for s in samples]
@@ -94,29 +118,37 @@ def fold_setup(data: list[str], work: str) -> tuple[list, dict[str, list[str]], 
     return find_samples(data), fold_plan(data), folder
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, c: float):
-    """A logistic regression on standardised features, classes balanced; returns its scorer."""
+def fit_probe(x: np.ndarray, y: np.ndarray, c: float, sample_weight: np.ndarray | None = None):
+    """A logistic regression on standardised features, classes balanced (or weighted by sample_weight,
+    which then has to balance them itself); returns its scorer."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x)
-    clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(scaler.transform(x), y)
+    clf = LogisticRegression(C=c, max_iter=3000, class_weight=None if sample_weight is not None else "balanced")
+    clf.fit(scaler.transform(x), y, sample_weight=sample_weight)
     return lambda z: clf.predict_proba(scaler.transform(z))[:, 1]
 
 
-def fold_aps(samples, x: dict[str, np.ndarray], folds: dict, c: float, augment: bool = True) -> dict:
+def fold_aps(samples, x: dict[str, np.ndarray], folds: dict, c: float, augment: bool = True, *,
+             select=None, weigh=None) -> dict:
     """condition -> fold -> held-out AP of a probe per leave-one-out fold, fitted on the fold's training split
-    (clean features, plus the JPEG q75 ones with `augment`); x: condition -> (N, F) features of `samples`."""
+    (clean features, plus the JPEG q75 ones with `augment`); x: condition -> (N, F) features of `samples`.
+    select(fold, train) -> the training samples to keep; weigh(train) -> a weight per training sample."""
     from scanner.training.data import split_by_source
 
     index = {s.path: i for i, s in enumerate(samples)}
     labels = np.array([s.label for s in samples])
     out: dict[str, dict] = {cond: {} for cond in x}
+    copies = 2 if augment else 1
     for fold, sources in folds.items():
         train, held = split_by_source(samples, tuple(sources), 0.3, 0)
+        if select is not None:
+            train = select(fold, train)
         tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
         fit_x = np.concatenate([x["clean"][tr], x["jpeg75"][tr]]) if augment else x["clean"][tr]
-        score = fit_probe(fit_x, np.concatenate([labels[tr]] * (2 if augment else 1)), c)
+        weights = np.concatenate([weigh(train)] * copies) if weigh is not None else None
+        score = fit_probe(fit_x, np.concatenate([labels[tr]] * copies), c, weights)
         for cond in x:
             out[cond][fold] = held_out_ap(held, score(x[cond][te]), sources)
     return out

@@ -22,6 +22,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def mean_fold_logits(runs: list[str], plan: dict) -> dict:
+    """fold -> (held-out sample indices, {condition: the runs' mean logits}), for the folds every run finished."""
+    from scanner.training.leave_one_out import CONDITIONS
+
+    fold_logits = {}
+    for fold in plan:
+        files = [Path(run) / "folds" / f"{fold}.npz" for run in runs]
+        if not all(f.is_file() for f in files):
+            continue
+        loaded = [np.load(f) for f in files]
+        if any(not np.array_equal(r["index"], loaded[0]["index"]) for r in loaded[1:]):
+            raise SystemExit(f"fold {fold}: the runs held out different images (another seed?); "
+                             "use research/loo_seed_noise.py for runs at different seeds")
+        fold_logits[fold] = (loaded[0]["index"], {c: np.mean([r[c] for r in loaded], axis=0) for c in CONDITIONS})
+    if not fold_logits:
+        raise SystemExit("no fold is finished in every run")
+    return fold_logits
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="leave-one-out output folders (same data, same seed)")
@@ -31,21 +50,10 @@ def main(argv=None) -> int:
 
     from scanner.training.cached_loo import format_markdown, report_from_fold_logits
     from scanner.training.data import find_samples, read_manifest
-    from scanner.training.leave_one_out import CONDITIONS, fold_plan
+    from scanner.training.leave_one_out import fold_plan
 
     samples, plan = find_samples(args.data), fold_plan(args.data)
-    fold_logits = {}
-    for fold in plan:
-        files = [Path(run) / "folds" / f"{fold}.npz" for run in args.runs]
-        if not all(f.is_file() for f in files):
-            continue
-        runs = [np.load(f) for f in files]
-        if any(not np.array_equal(r["index"], runs[0]["index"]) for r in runs[1:]):
-            raise SystemExit(f"fold {fold}: the runs held out different images (another seed?); "
-                             "use research/loo_seed_noise.py for runs at different seeds")
-        fold_logits[fold] = (runs[0]["index"], {c: np.mean([r[c] for r in runs], axis=0) for c in CONDITIONS})
-    if not fold_logits:
-        raise SystemExit("no fold is finished in every run")
+    fold_logits = mean_fold_logits(args.runs, plan)
     report = report_from_fold_logits(samples, {f: plan[f] for f in fold_logits}, read_manifest(args.data),
                                      fold_logits)
     report["runs"] = args.runs

@@ -113,16 +113,8 @@ def report_from_fold_logits(samples, plan: dict, manifest: dict, fold_logits: di
     """The leave-one-out report from each fold's held-out logits: fold_logits[fold] = (held indices
     into `samples`, {condition: logits}). Folds, summary, family means and, with several folds, the
     out-of-fold calibration, threshold and false-positive rates."""
-    report_folds, oof = {}, {}
-    real_only_logits: dict[int, list[float]] = {}
-    for fold, (held_idx, logits) in fold_logits.items():
-        sources = plan[fold]
-        report_folds[fold] = fold_result(samples, held_idx, sources, logits, manifest)
-        for i, z in zip(held_idx, logits["clean"]):
-            if samples[i].source in sources:
-                oof[int(i)] = (fold, float(z))
-            else:  # a held-out real-only photo: scored by every fold
-                real_only_logits.setdefault(int(i), []).append(float(z))
+    report_folds = {fold: fold_result(samples, held_idx, plan[fold], logits, manifest)
+                    for fold, (held_idx, logits) in fold_logits.items()}
     summary = {cond: _mean_min([f["conditions"][cond]["ap"] for f in report_folds.values()]) for cond in CONDITIONS}
     families = sorted({f["family"] for f in report_folds.values()})
     family_means = {fam: {cond: _mean_min([f["conditions"][cond]["ap"] for f in report_folds.values()
@@ -130,18 +122,26 @@ def report_from_fold_logits(samples, plan: dict, manifest: dict, fold_logits: di
                     for fam in families}
     report = {"folds": report_folds, "summary": summary, "family_means": family_means}
     if len(fold_logits) > 1:
-        report.update(_oof_analysis(samples, oof, real_only_logits, manifest, max_fpr))
+        report.update(_oof_analysis(samples, *out_of_fold_logits(samples, plan, fold_logits), manifest, max_fpr))
     return report
+
+
+def out_of_fold_logits(samples, plan: dict, fold_logits: dict) -> tuple[dict, dict]:
+    """({sample index: (fold, clean logit)} for each held-out generator's images, {sample index:
+    [clean logits]} for the held-out real-only photos, which every fold scores)."""
+    oof, real_only_logits = {}, {}
+    for fold, (held_idx, logits) in fold_logits.items():
+        for i, z in zip(held_idx, logits["clean"]):
+            if samples[i].source in plan[fold]:
+                oof[int(i)] = (fold, float(z))
+            else:
+                real_only_logits.setdefault(int(i), []).append(float(z))
+    return oof, real_only_logits
 
 
 def _oof_analysis(samples, oof: dict, real_only_logits: dict, manifest: dict, max_fpr: float) -> dict:
     """Calibration, threshold, false-positive rates and catch rates from the out-of-fold logits."""
-    items = [(i, fold, z) for i, (fold, z) in oof.items()]
-    items += [(i, None, float(np.mean(zs))) for i, zs in real_only_logits.items()]
-    idx = np.array([i for i, _, _ in items])
-    fold_of = np.array([f or "" for _, f, _ in items], dtype=object)
-    z = np.array([v for _, _, v in items])
-    y = np.array([samples[i].label for i in idx])
+    idx, fold_of, z, y = oof_arrays(samples, oof, real_only_logits)
     a, b = fit_platt(z, y)
     # Cross-fold calibration error: each fold's images calibrated by a fit without them (the shared
     # real-only photos are split evenly among the folds for this).
@@ -177,6 +177,18 @@ def _oof_analysis(samples, oof: dict, real_only_logits: dict, manifest: dict, ma
                       "caught_by_fold": {f: {"images": len(v), "caught": float(np.mean(v))}
                                          for f, v in sorted(caught.items())}},
     }
+
+
+def oof_arrays(samples, oof: dict, real_only_logits: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sample indices, fold names, logits, labels) of the out-of-fold set: each held-out generator's
+    images once (fold name set), each held-out real-only photo once with its mean logit over the
+    folds that scored it (fold name "")."""
+    items = [(i, fold, z) for i, (fold, z) in oof.items()]
+    items += [(i, None, float(np.mean(zs))) for i, zs in real_only_logits.items()]
+    idx = np.array([i for i, _, _ in items])
+    fold_of = np.array([f or "" for _, f, _ in items], dtype=object)
+    z = np.array([v for _, _, v in items])
+    return idx, fold_of, z, np.array([samples[i].label for i in idx])
 
 
 def _threshold(real_probs: np.ndarray, max_fpr: float) -> float:
