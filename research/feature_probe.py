@@ -65,9 +65,10 @@ def extract(samples, condition: str, batch: int = 64) -> dict[str, np.ndarray]:
     return {name: torch.cat(parts).numpy() for name, parts in feats.items()}
 
 
-def clip_global_views(samples, condition: str, batch: int = 32):
+def clip_global_views(samples, condition: str, batch: int = 32, make_views=None):
     """Yields (global views, CLIP-normalised (B, 3, 224, 224); their rows in `samples`) under the
-    leave-one-out condition (clean, jpeg75, downscale0.5), with progress on stderr."""
+    leave-one-out condition (clean, jpeg75, downscale0.5), with progress on stderr. make_views(uint8
+    images) -> (B, 3, 224, 224) in [0, 1] replaces the global view (scanner.model.preprocess) if given."""
     import time
 
     import torch
@@ -83,7 +84,7 @@ def clip_global_views(samples, condition: str, batch: int = 32):
                         num_workers=1, collate_fn=collate)
     done, start = 0, time.perf_counter()
     for images, _, index in loader:
-        yield (global_views(images) - mean) / std, index.numpy()
+        yield ((make_views or global_views)(images) - mean) / std, index.numpy()
         done += len(images)
         print(f"{condition}: {done}/{len(samples)} images, {done / (time.perf_counter() - start):.1f}/s",
               file=sys.stderr, flush=True)

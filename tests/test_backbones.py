@@ -76,3 +76,34 @@ def test_weights_round_trip_keeps_the_truncation(tmp_path):
         want, got = model(images), loaded(images)
     assert torch.equal(got.boxes, want.boxes)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+
+
+def _renamed_state(net: torch.nn.Module, transform=lambda t: t) -> dict:
+    """net's tensors under other names, in the same order, as the TF-port weight files hold them (the
+    last part of a name, e.g. num_batches_tracked, kept)."""
+    return {f"ported.{i}.{k.rsplit('.', 1)[-1]}": transform(v.clone()) for i, (k, v) in enumerate(net.state_dict().items())}
+
+
+def test_state_by_position_loads_a_renamed_state_dict(tmp_path):
+    import timm
+
+    from scanner.model.backbones import load_state_by_position
+
+    torch.manual_seed(1)
+    source = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    torch.save(_renamed_state(source), tmp_path / "w.pth")
+    load_state_by_position(target, tmp_path / "w.pth")
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(source.eval()(x), target.eval()(x))
+
+
+def test_state_by_position_refuses_a_shape_that_does_not_fit(tmp_path):
+    import timm
+
+    from scanner.model.backbones import load_state_by_position
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    torch.save(_renamed_state(net, lambda t: t[..., :1] if t.dim() == 4 else t), tmp_path / "w.pth")
+    with pytest.raises(ScannerError, match="does not fit"):
+        load_state_by_position(net, tmp_path / "w.pth")

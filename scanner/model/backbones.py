@@ -96,6 +96,12 @@ def load_lite0_imagenet(net: nn.Module) -> None:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != LITE0_SHA256:
         raise ScannerError(f"{path} has sha256 {digest}, expected {LITE0_SHA256}; reinstall the package")
+    load_state_by_position(net, path)
+
+
+def load_state_by_position(net: nn.Module, path: Path) -> None:
+    """Load a TF-port EfficientNet state dict into the matching timm model by position (the names
+    differ, the order and shapes match), checking every shape."""
     src = [(k, v) for k, v in _load_state_dict(path).items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")]
     if len(src) < len(dst):
