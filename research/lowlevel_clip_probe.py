@@ -72,7 +72,7 @@ def load_lite2():
     return net.eval()
 
 
-def native_centre_crops(images) -> "torch.Tensor":
+def native_centre_crops(images):
     """The central 224x224 pixels of each uint8 image, not resampled (an image with a side under 224
     gets its global view): the pixel-level traces that resizing blurs stay as the generator left them."""
     import torch
