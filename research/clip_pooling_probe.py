@@ -18,17 +18,16 @@ class tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from feature_probe import cached_features, clip_global_views, fold_aps, fold_setup  # noqa: E402  (research/ sibling)
+from feature_probe import (  # noqa: E402  (research/ sibling)
+    cached_features, clip_global_views, feature_set_parser, feature_set_rows, fold_setup)
 
 TAPS = (4, 5, 6, 7, 8, 9)  # 1-based layers, as configs/experiments/clip_b16_cls.yaml
 SETS = {
@@ -62,33 +61,14 @@ def extract(samples, condition: str, batch: int = 32) -> dict[str, np.ndarray]:
     return out
 
 
-def probe(samples, feats: dict, folds: dict, parts: tuple[str, ...], c: float) -> dict:
-    x = {cond: np.concatenate([f[p].reshape(len(samples), -1) for p in parts], 1).astype(np.float32)
-         for cond, f in feats.items()}
-    return fold_aps(samples, x, folds, c)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", required=True, help="one or more data folders (pools)")
-    parser.add_argument("--work", default="runs/clip_pooling", help="feature cache")
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    parser.add_argument("--c", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    args = feature_set_parser(__doc__, "runs/clip_pooling", "feature cache", SETS).parse_args(argv)
     samples, folds, work = fold_setup(args.data, args.work)
     feats = {cond: cached_features(work / f"feats_{cond}.npz", samples, lambda todo, cond=cond: extract(todo, cond))
              for cond in ("clean", "jpeg75")}
-    rows = []
-    for name in args.sets:
-        start = time.perf_counter()
-        aps = probe(samples, feats, folds, SETS[name], args.c)
-        row = {"features": name, "ap": aps,
-               "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
-               "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
-        rows.append(row)
-        print(f"{name:<14} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}"
-                                         for cond in aps) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    rows = feature_set_rows(samples, folds, args.sets, lambda name: {
+        cond: np.concatenate([f[p].reshape(len(samples), -1) for p in SETS[name]], 1).astype(np.float32)
+        for cond, f in feats.items()}, args.c)
     if args.json:
         Path(args.json).write_text(json.dumps({"c": args.c, "taps": TAPS, "images": len(samples), "folds": folds,
                                               "rows": rows}, indent=2) + "\n")

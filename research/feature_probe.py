@@ -156,6 +156,36 @@ def fold_aps(samples, x: dict[str, np.ndarray], folds: dict, c: float, augment: 
     return out
 
 
+def feature_set_parser(doc: str, work: str, work_help: str, sets) -> argparse.ArgumentParser:
+    """The command line of the probes that compare named feature sets on the leave-one-out folds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", required=True, help="one or more data folders (pools)")
+    parser.add_argument("--work", default=work, help=work_help)
+    parser.add_argument("--sets", nargs="+", default=list(sets), choices=list(sets))
+    parser.add_argument("--c", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
+    parser.add_argument("--json", default=None)
+    return parser
+
+
+def feature_set_rows(samples, folds: dict, names, features_of, c: float) -> list[dict]:
+    """One row per feature set: its fold APs (fold_aps) and their mean and min per condition, printed as
+    each set finishes; features_of(name) -> {condition: (N, F) float32 features of `samples`}."""
+    import time
+
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        x = features_of(name)
+        aps = fold_aps(samples, x, folds, c)
+        row = {"features": name, "dims": int(x["clean"].shape[1]), "ap": aps,
+               "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
+               "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
+        rows.append(row)
+        print(f"{name:<18} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}"
+                                         for cond in aps) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    return rows
+
+
 def held_out_ap(held, scores: np.ndarray, sources) -> float:
     """Mean AP over the held-out generator's sources (each against the held-out reals)."""
     from scanner.training.evaluate import per_source_ap

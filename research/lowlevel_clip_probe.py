@@ -27,10 +27,8 @@ trained on clean + JPEG q75, scored by AP on the held-out sources under both con
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clip_pooling_probe import extract as extract_clip  # noqa: E402  (research/ sibling)
-from feature_probe import cached_features, clip_global_views, fold_aps, fold_setup  # noqa: E402
+from feature_probe import (  # noqa: E402
+    cached_features, clip_global_views, feature_set_parser, feature_set_rows, fold_setup)
 
 LITE2_SHA256 = "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
 STAGES = (1, 2, 3, 4, 5, 6)  # 0-based timm stages: 24, 48, 88 (ends in block 10), 120, 208, 352 channels
@@ -153,13 +152,8 @@ def extract_spectrum(samples, condition: str, batch: int = 32) -> dict[str, np.n
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", required=True, help="one or more data folders (pools)")
-    parser.add_argument("--work", default="runs/clip_pooling", help="feature caches (CLIP's, Lite2's, the spectra)")
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    parser.add_argument("--c", type=float, default=0.01, help="inverse L2 strength of the logistic regression")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    args = feature_set_parser(__doc__, "runs/clip_pooling", "feature caches (CLIP's, Lite2's, the spectra)",
+                              SETS).parse_args(argv)
     samples, folds, work = fold_setup(args.data, args.work)
     feats = {}
     for cond in ("clean", "jpeg75"):
@@ -171,17 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                                    lambda todo, cond=cond: extract_spectrum(todo, cond))
         feats[cond] = {"clip": clip["cls"].reshape(len(samples), -1), **lite2, **spectrum,
                        **{f"native_{k}": v for k, v in native.items()}}
-    rows = []
-    for name in args.sets:
-        start = time.perf_counter()
-        x = {cond: np.concatenate([f[p] for p in SETS[name]], 1).astype(np.float32) for cond, f in feats.items()}
-        aps = fold_aps(samples, x, folds, args.c)
-        row = {"features": name, "dims": int(x["clean"].shape[1]), "ap": aps,
-               "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
-               "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
-        rows.append(row)
-        print(f"{name:<16} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}"
-                                         for cond in aps) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    rows = feature_set_rows(samples, folds, args.sets, lambda name: {
+        cond: np.concatenate([f[p] for p in SETS[name]], 1).astype(np.float32) for cond, f in feats.items()}, args.c)
     if args.json:
         Path(args.json).write_text(json.dumps({"c": args.c, "stages": STAGES, "images": len(samples),
                                               "folds": folds, "rows": rows}, indent=2) + "\n")
