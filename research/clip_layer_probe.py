@@ -10,7 +10,9 @@ CPU: cosine 0.99996 to float32, twice as fast); the class token after every laye
 --work as cls_<condition>.npz. For each fold of scanner.training.leave_one_out's fold plan, a logistic
 regression (standardised features, balanced classes) is fitted on the fold's training split and
 scored by AP on its held-out sources, per layer, for training on clean features and on clean plus
-JPEG q75 features.
+JPEG q75 features. With --spans, it probes runs of layers instead, each layer's class token
+layer-normalised and concatenated as the detector's heads read them (e.g. 4-9, the shipped taps, against
+4-12), trained on clean plus JPEG q75 features.
 """
 
 from __future__ import annotations
@@ -70,6 +72,20 @@ def probe(samples, feats: dict, folds: dict, layer: int, augment: bool, c: float
     return fold_aps(samples, {cond: layer_norm(feats[cond][:, layer]) for cond in feats}, folds, c, augment)
 
 
+def span(text: str) -> tuple[int, int]:
+    """'4-9' -> (4, 9), 1-based and inclusive."""
+    first, _, last = text.partition("-")
+    first, last = int(first), int(last or first)
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run of layers like 4-9")
+    return first, last
+
+
+def probe_span(samples, feats: dict, folds: dict, first: int, last: int, c: float) -> dict:
+    x = {cond: layer_norm(f[:, first - 1:last]).reshape(len(samples), -1) for cond, f in feats.items()}
+    return fold_aps(samples, x, folds, c)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="one or more data folders (pools)")
@@ -77,13 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
+    parser.add_argument("--spans", nargs="+", type=span, default=None,
+                        help="probe these runs of layers (e.g. 4-9 4-12), concatenated, instead of each layer")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.spans and max(last for _, last in args.spans) > args.layers:
+        parser.error(f"--spans reach past --layers {args.layers}")
     samples, folds, work = fold_setup(args.data, args.work)
     feats = {cond: cls_tokens(samples, cond, args.layers, work) for cond in ["clean", "jpeg75"] + [
         c for c in args.conditions if c not in ("clean", "jpeg75")]}
     rows = []
-    for augment in (False, True):
+    for first, last in args.spans or []:
+        aps = probe_span(samples, feats, folds, first, last, args.c)
+        row = {"layers": f"{first}-{last}", "train": "clean+jpeg75", "ap": aps,
+               "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
+               "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
+        rows.append(row)
+        print(f"layers {row['layers']:<6} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min "
+                                                        f"{row['min_ap'][cond]:.3f}" for cond in aps), flush=True)
+    for augment in (False, True) if not args.spans else ():
         for layer in range(args.layers):
             aps = probe(samples, feats, folds, layer, augment, args.c)
             row = {"layer": layer + 1, "train": "clean+jpeg75" if augment else "clean", "ap": aps,
