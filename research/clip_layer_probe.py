@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feature_probe import clip_global_views, fold_aps, fold_setup  # noqa: E402  (research/ sibling)
+from feature_probe import (  # noqa: E402  (research/ sibling)
+    ap_summary, clip_global_views, feature_set_rows, fold_aps, fold_setup)
 
 CONDITIONS = ("clean", "jpeg75", "downscale0.5")
 
@@ -81,11 +82,6 @@ def span(text: str) -> tuple[int, int]:
     return first, last
 
 
-def probe_span(samples, feats: dict, folds: dict, first: int, last: int, c: float) -> dict:
-    x = {cond: layer_norm(f[:, first - 1:last]).reshape(len(samples), -1) for cond, f in feats.items()}
-    return fold_aps(samples, x, folds, c)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="one or more data folders (pools)")
@@ -102,21 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     samples, folds, work = fold_setup(args.data, args.work)
     feats = {cond: cls_tokens(samples, cond, args.layers, work) for cond in ["clean", "jpeg75"] + [
         c for c in args.conditions if c not in ("clean", "jpeg75")]}
-    rows = []
-    for first, last in args.spans or []:
-        aps = probe_span(samples, feats, folds, first, last, args.c)
-        row = {"layers": f"{first}-{last}", "train": "clean+jpeg75", "ap": aps,
-               "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
-               "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
-        rows.append(row)
-        print(f"layers {row['layers']:<6} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min "
-                                                        f"{row['min_ap'][cond]:.3f}" for cond in aps), flush=True)
-    for augment in (False, True) if not args.spans else ():
+    spans = {f"{first}-{last}": (first, last) for first, last in args.spans or []}
+    rows = feature_set_rows(samples, folds, spans, lambda name: {  # trained on clean + q75
+        cond: layer_norm(f[:, spans[name][0] - 1:spans[name][1]]).reshape(len(samples), -1)
+        for cond, f in feats.items()}, args.c)
+    for augment in (False, True) if not spans else ():
         for layer in range(args.layers):
             aps = probe(samples, feats, folds, layer, augment, args.c)
             row = {"layer": layer + 1, "train": "clean+jpeg75" if augment else "clean", "ap": aps,
-                   "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
-                   "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
+                   **ap_summary(aps)}
             rows.append(row)
             worst = min(aps["clean"], key=aps["clean"].get)
             print(f"train {row['train']:<12} layer {layer + 1:2d}  " + "  ".join(

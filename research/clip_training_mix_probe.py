@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clip_pooling_probe import SETS  # noqa: E402  (research/ sibling)
-from feature_probe import cached_features, fold_aps, fold_setup  # noqa: E402
+from feature_probe import ap_summary, cached_features, fold_aps, fold_setup  # noqa: E402
 
 SCHEMES = ("class", "source", "generator")
 
@@ -68,11 +68,6 @@ def keep_units(folds: dict, units: int, seed: int):
     return select
 
 
-def summary(aps: dict) -> dict:
-    return {"mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
-            "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="the pools, each with its MANIFEST.csv")
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
          for cond, f in feats.items()}
 
     def report(label: str, aps: dict, start: float) -> dict:
-        row = {"ap": aps, **summary(aps)}
+        row = {"ap": aps, **ap_summary(aps)}
         print(f"{label:<24} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}"
                                          for cond in aps) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
         return row

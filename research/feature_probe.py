@@ -167,6 +167,12 @@ def feature_set_parser(doc: str, work: str, work_help: str, sets) -> argparse.Ar
     return parser
 
 
+def ap_summary(aps: dict) -> dict:
+    """{mean_ap, min_ap}: per condition, the mean and the lowest of fold_aps' per-fold APs."""
+    return {"mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
+            "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
+
+
 def feature_set_rows(samples, folds: dict, names, features_of, c: float) -> list[dict]:
     """One row per feature set: its fold APs (fold_aps) and their mean and min per condition, printed as
     each set finishes; features_of(name) -> {condition: (N, F) float32 features of `samples`}."""
@@ -177,9 +183,7 @@ def feature_set_rows(samples, folds: dict, names, features_of, c: float) -> list
         start = time.perf_counter()
         x = features_of(name)
         aps = fold_aps(samples, x, folds, c)
-        row = {"features": name, "dims": int(x["clean"].shape[1]), "ap": aps,
-               "mean_ap": {cond: float(np.mean(list(v.values()))) for cond, v in aps.items()},
-               "min_ap": {cond: float(np.min(list(v.values()))) for cond, v in aps.items()}}
+        row = {"features": name, "dims": int(x["clean"].shape[1]), "ap": aps, **ap_summary(aps)}
         rows.append(row)
         print(f"{name:<18} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}"
                                          for cond in aps) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -94,12 +94,21 @@ def native_centre_crops(images):
     return torch.stack(out)
 
 
+def pixel_batches(samples, condition: str, batch: int, make_views=None):
+    """clip_global_views' batches taken back from CLIP's normalisation to 0-255 pixel values."""
+    import torch
+
+    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD
+
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    for views, rows in clip_global_views(samples, condition, batch, make_views):
+        yield (views * std + mean) * 255, rows
+
+
 def extract_lite2(samples, condition: str, batch: int = 32, make_views=None) -> dict[str, np.ndarray]:
     """{s<stage>, head}: (N, 2C) float32 each, the mean and std over space of each stage's output, for
     the global view (or the views make_views makes, as clip_global_views takes it)."""
     import torch
-
-    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD
 
     net = load_lite2().to(memory_format=torch.channels_last)
     seen: dict[str, torch.Tensor] = {}
@@ -112,10 +121,8 @@ def extract_lite2(samples, condition: str, batch: int = 32, make_views=None) -> 
     for i in STAGES:
         net.blocks[i].register_forward_hook(keep(f"s{i}"))
     net.bn2.register_forward_hook(keep("head"))
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     out: dict[str, np.ndarray] = {}
-    for views, rows in clip_global_views(samples, condition, batch, make_views):
-        pixels = (views * std + mean) * 255  # back from CLIP's normalisation to 0-255
+    for pixels, rows in pixel_batches(samples, condition, batch, make_views):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             net(((pixels - 127) / 128).contiguous(memory_format=torch.channels_last))
         for name, value in seen.items():
@@ -129,9 +136,6 @@ def extract_spectrum(samples, condition: str, batch: int = 32) -> dict[str, np.n
     equal frequency and over a 16x16 grid of blocks. Upsampling layers leave periodic peaks there."""
     import torch
 
-    from scanner.model.clip_vit import CLIP_MEAN, CLIP_STD
-
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     size = 224
     freq = np.fft.fftshift(np.fft.fftfreq(size)) * size
     ring = np.minimum(np.hypot(*np.meshgrid(freq, freq, indexing="ij")).astype(int), size // 2 - 1)
@@ -139,8 +143,8 @@ def extract_spectrum(samples, condition: str, batch: int = 32) -> dict[str, np.n
     window = torch.from_numpy(np.outer(np.hanning(size), np.hanning(size))).float()
     out = {"radial": np.zeros((len(samples), size // 2), np.float32),
            "grid": np.zeros((len(samples), SPECTRUM_GRID ** 2), np.float32)}
-    for views, rows in clip_global_views(samples, condition, batch, native_centre_crops):
-        grey = ((views * std + mean) * 255).mean(1, keepdim=True)
+    for pixels, rows in pixel_batches(samples, condition, batch, native_centre_crops):
+        grey = pixels.mean(1, keepdim=True)
         residual = (grey - torch.nn.functional.avg_pool2d(grey, 3, 1, 1, count_include_pad=False))[:, 0]
         power = torch.fft.fftshift(torch.fft.fft2(residual * window), dim=(-2, -1)).abs().square()
         logp = torch.log(power + 1e-6).numpy()  # (B, 224, 224)
