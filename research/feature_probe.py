@@ -120,39 +120,47 @@ def fold_setup(data: list[str], work: str) -> tuple[list, dict[str, list[str]], 
     return find_samples(data), fold_plan(data), folder
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, c: float, sample_weight: np.ndarray | None = None):
+def fit_probe(x: np.ndarray, y: np.ndarray, c: float, sample_weight: np.ndarray | None = None, logit: bool = False):
     """A logistic regression on standardised features, classes balanced (or weighted by sample_weight,
-    which then has to balance them itself); returns its scorer."""
+    which then has to balance them itself); returns its scorer (probabilities, or logits with `logit`)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x)
     clf = LogisticRegression(C=c, max_iter=3000, class_weight=None if sample_weight is not None else "balanced")
     clf.fit(scaler.transform(x), y, sample_weight=sample_weight)
+    if logit:
+        return lambda z: clf.decision_function(scaler.transform(z))
     return lambda z: clf.predict_proba(scaler.transform(z))[:, 1]
 
 
-def fold_aps(samples, x: dict[str, np.ndarray], folds: dict, c: float, augment: bool = True, *,
-             select=None, weigh=None) -> dict:
+def fold_aps(samples, x, folds: dict, c: float, augment: bool = True, *, select=None, weigh=None) -> dict:
     """condition -> fold -> held-out AP of a probe per leave-one-out fold, fitted on the fold's training split
-    (clean features, plus the JPEG q75 ones with `augment`); x: condition -> (N, F) features of `samples`.
+    (clean features, plus the JPEG q75 ones with `augment`); x: condition -> (N, F) features of `samples`,
+    or a list of such dicts: one probe each, scored by the mean of their logits (as the detector's heads).
     select(fold, train) -> the training samples to keep; weigh(train) -> a weight per training sample."""
     from scanner.training.data import split_by_source
 
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]
     index = {s.path: i for i, s in enumerate(samples)}
     labels = np.array([s.label for s in samples])
-    out: dict[str, dict] = {cond: {} for cond in x}
+    out: dict[str, dict] = {cond: {} for cond in parts[0]}
     copies = 2 if augment else 1
     for fold, sources in folds.items():
         train, held = split_by_source(samples, tuple(sources), 0.3, 0)
         if select is not None:
             train = select(fold, train)
         tr, te = [index[s.path] for s in train], [index[s.path] for s in held]
-        fit_x = np.concatenate([x["clean"][tr], x["jpeg75"][tr]]) if augment else x["clean"][tr]
         weights = np.concatenate([weigh(train)] * copies) if weigh is not None else None
-        score = fit_probe(fit_x, np.concatenate([labels[tr]] * copies), c, weights)
-        for cond in x:
-            out[cond][fold] = held_out_ap(held, score(x[cond][te]), sources)
+        logits = {cond: 0.0 for cond in out}
+        for part in parts:
+            fit_x = np.concatenate([part["clean"][tr], part["jpeg75"][tr]]) if augment else part["clean"][tr]
+            # One probe: its probabilities, as before; several: their logits, averaged.
+            score = fit_probe(fit_x, np.concatenate([labels[tr]] * copies), c, weights, logit=len(parts) > 1)
+            for cond in out:
+                logits[cond] = logits[cond] + score(part[cond][te]) / len(parts)
+        for cond in out:
+            out[cond][fold] = held_out_ap(held, logits[cond], sources)
     return out
 
 
@@ -175,7 +183,8 @@ def ap_summary(aps: dict) -> dict:
 
 def feature_set_rows(samples, folds: dict, names, features_of, c: float) -> list[dict]:
     """One row per feature set: its fold APs (fold_aps) and their mean and min per condition, printed as
-    each set finishes; features_of(name) -> {condition: (N, F) float32 features of `samples`}."""
+    each set finishes; features_of(name) -> {condition: (N, F) float32 features of `samples`}, or a list
+    of such dicts (probes whose logits are averaged)."""
     import time
 
     rows = []
@@ -183,7 +192,8 @@ def feature_set_rows(samples, folds: dict, names, features_of, c: float) -> list
         start = time.perf_counter()
         x = features_of(name)
         aps = fold_aps(samples, x, folds, c)
-        row = {"features": name, "dims": int(x["clean"].shape[1]), "ap": aps, **ap_summary(aps)}
+        dims = sum(part["clean"].shape[1] for part in (x if isinstance(x, (list, tuple)) else [x]))
+        row = {"features": name, "dims": int(dims), "ap": aps, **ap_summary(aps)}
         rows.append(row)
         print(f"{name:<18} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}"
                                          for cond in aps) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
