@@ -7,9 +7,9 @@
         --json docs/clip_pooling_probe_deep.json
 
 The first CLIP detector read, per view, the class token after layers 4-9 of the frozen tower
-(configs/experiments/clip_b16_cls.yaml); the 196 patch tokens of those layers fed only the PSM. A generator's traces are
-local (upsampling, textures), so statistics over the patch tokens might carry what the class token
-averages away. Each image's global view (scanner.model.preprocess) goes once per condition (clean, JPEG
+(configs/experiments/clip_b16_cls.yaml); the 196 patch tokens of those layers fed only the PSM. A
+generator's traces are local (upsampling, textures), so statistics over the patch tokens might carry
+what the class token averages away. Each image's global view (scanner.model.preprocess) goes once per condition (clean, JPEG
 q75) through the first 9 layers (bf16); per layer 4-9 the cache (--work, feats_<condition>.npz) keeps
 the class token, and the mean and the standard deviation over the patch tokens, each token first
 layer-normalised over its channels (as the detector normalises its class tokens). For each fold of
@@ -17,8 +17,9 @@ scanner.training.leave_one_out's plan, a logistic regression (research/feature_p
 standardised features, balanced classes), trained on the fold's clean + JPEG q75 features, is scored by
 AP on the held-out sources under both conditions, for feature sets that add the patch statistics to the
 class tokens. The set `cls|cls+mean+std` is the shipped detector's two heads (configs/clip_b16.yaml) as
-two probes, scored by the mean of their logits. `--taps` picks other layers (up to 12, CLIP's last: the trunk then runs that deep); a
-cache made for other taps than the default is named after them (feats_4-12_<condition>.npz).
+two probes, scored by the mean of their logits. `--taps` picks other layers (up to 12, CLIP's last: the
+trunk then runs that deep); a cache made for other taps than the default is named after them
+(feats_4-12_<condition>.npz).
 """
 
 from __future__ import annotations
