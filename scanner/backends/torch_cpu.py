@@ -66,11 +66,23 @@ class Bf16Detector(torch.nn.Module):
         return out
 
 
+def fold_for_inference(model) -> None:
+    """Rewrites the Detector's trunks into a faster form of the same function (a CLIP trunk's activation:
+    ClipVisionTrunk.fold_activation_scale). The runner's model is only run, never saved."""
+    from scanner.model.clip_vit import ClipVisionTrunk
+
+    for backbone in (model.backbone, model.local_backbone):
+        trunk = getattr(backbone, "trunk", None)
+        if isinstance(trunk, ClipVisionTrunk):
+            trunk.fold_activation_scale()
+
+
 def load_torch_cpu(model_path, precision: str = "auto"):
     """(runner, ModelInfo): the Detector on the CPU at `precision` (auto: bf16 where native)."""
     from scanner.model.weights import load_detector
 
     model, info = load_detector(model_path)
+    fold_for_inference(model)
     model.step_timer = stage  # the Detector's steps count as the scan's global/psm/crop_resize/local stages
     chosen = resolve_precision(precision, info.config.backbone)
     if chosen == "bf16":
