@@ -73,6 +73,22 @@ def probe(samples, feats: dict, folds: dict, layer: int, augment: bool, c: float
     return fold_aps(samples, {cond: layer_norm(feats[cond][:, layer]) for cond in feats}, folds, c, augment)
 
 
+def layer_rows(samples, feats: dict, folds: dict, layers: int, c: float) -> list[dict]:
+    """One row per layer and training mix (clean; clean + q75), printed as each finishes."""
+    rows = []
+    for augment in (False, True):
+        for layer in range(layers):
+            aps = probe(samples, feats, folds, layer, augment, c)
+            row = {"layer": layer + 1, "train": "clean+jpeg75" if augment else "clean", "ap": aps,
+                   **ap_summary(aps)}
+            rows.append(row)
+            worst = min(aps["clean"], key=aps["clean"].get)
+            print(f"train {row['train']:<12} layer {layer + 1:2d}  " + "  ".join(
+                f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}" for cond in aps)
+                + f"  worst {worst} {aps['clean'][worst]:.3f}", flush=True)
+    return rows
+
+
 def span(text: str) -> tuple[int, int]:
     """'4-9' -> (4, 9), 1-based and inclusive."""
     first, _, last = text.partition("-")
@@ -99,19 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     feats = {cond: cls_tokens(samples, cond, args.layers, work) for cond in ["clean", "jpeg75"] + [
         c for c in args.conditions if c not in ("clean", "jpeg75")]}
     spans = {f"{first}-{last}": (first, last) for first, last in args.spans or []}
-    rows = feature_set_rows(samples, folds, spans, lambda name: {  # trained on clean + q75
-        cond: layer_norm(f[:, spans[name][0] - 1:spans[name][1]]).reshape(len(samples), -1)
-        for cond, f in feats.items()}, args.c)
-    for augment in (False, True) if not spans else ():
-        for layer in range(args.layers):
-            aps = probe(samples, feats, folds, layer, augment, args.c)
-            row = {"layer": layer + 1, "train": "clean+jpeg75" if augment else "clean", "ap": aps,
-                   **ap_summary(aps)}
-            rows.append(row)
-            worst = min(aps["clean"], key=aps["clean"].get)
-            print(f"train {row['train']:<12} layer {layer + 1:2d}  " + "  ".join(
-                f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}" for cond in aps)
-                + f"  worst {worst} {aps['clean'][worst]:.3f}", flush=True)
+    if spans:
+        rows = feature_set_rows(samples, folds, spans, lambda name: {  # trained on clean + q75
+            cond: layer_norm(f[:, spans[name][0] - 1:spans[name][1]]).reshape(len(samples), -1)
+            for cond, f in feats.items()}, args.c)
+    else:
+        rows = layer_rows(samples, feats, folds, args.layers, args.c)
     if args.json:
         Path(args.json).write_text(json.dumps({"c": args.c, "images": len(samples), "folds": folds, "rows": rows},
                                               indent=2) + "\n")

@@ -134,6 +134,11 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float, sample_weight: np.ndarray 
     return lambda z: clf.predict_proba(scaler.transform(z))[:, 1]
 
 
+def probe_parts(x) -> list[dict]:
+    """fold_aps' features as a list of {condition: (N, F)} dicts, one per probe."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 def fold_aps(samples, x, folds: dict, c: float, augment: bool = True, *, select=None, weigh=None) -> dict:
     """condition -> fold -> held-out AP of a probe per leave-one-out fold, fitted on the fold's training split
     (clean features, plus the JPEG q75 ones with `augment`); x: condition -> (N, F) features of `samples`,
@@ -141,7 +146,7 @@ def fold_aps(samples, x, folds: dict, c: float, augment: bool = True, *, select=
     select(fold, train) -> the training samples to keep; weigh(train) -> a weight per training sample."""
     from scanner.training.data import split_by_source
 
-    parts = list(x) if isinstance(x, (list, tuple)) else [x]
+    parts = probe_parts(x)
     index = {s.path: i for i, s in enumerate(samples)}
     labels = np.array([s.label for s in samples])
     out: dict[str, dict] = {cond: {} for cond in parts[0]}
@@ -192,7 +197,7 @@ def feature_set_rows(samples, folds: dict, names, features_of, c: float) -> list
         start = time.perf_counter()
         x = features_of(name)
         aps = fold_aps(samples, x, folds, c)
-        dims = sum(part["clean"].shape[1] for part in (x if isinstance(x, (list, tuple)) else [x]))
+        dims = sum(part["clean"].shape[1] for part in probe_parts(x))
         row = {"features": name, "dims": int(dims), "ap": aps, **ap_summary(aps)}
         rows.append(row)
         print(f"{name:<18} " + "  ".join(f"{cond} mean {row['mean_ap'][cond]:.3f} min {row['min_ap'][cond]:.3f}"
