@@ -15,7 +15,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,7 +23,8 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 
 import scanner.decoding.loaders as loaders  # noqa: E402
 from scanner.config import ModelConfig  # noqa: E402
-from scanner.decoding.dali import DaliDecoder, DaliLoader, iter_webdataset, jpeg_well_formed, route  # noqa: E402
+from scanner.decoding.dali import DaliDecoder, DaliLoader, iter_webdataset  # noqa: E402
+from scanner.decoding.routing import jpeg_well_formed, route  # noqa: E402
 from scanner.decoding.decode import DecodeError, decode  # noqa: E402
 from scanner.errors import ScannerError  # noqa: E402
 from scanner.model.detector import Detector  # noqa: E402

@@ -14,13 +14,10 @@ DLPack on torch's current stream: no host copy. Two entry points use it: `DaliLo
 loader: scanner.scan.pipeline, scanner.scan.prepare) and `iter_webdataset` (tar shards through
 `fn.readers.webdataset`, with `shard_id`/`num_shards`).
 
-Routing (`route`, on the scan's worker threads). DALI gets a file only when it is certain to give
-the CPU decoder's pixels: Pillow's header parse (scanner.decoding.decode, so the same DecodeErrors for bad
-headers) says JPEG (not MPO) in mode RGB or L within the pixel budget, EXIF orientation 1 (DALI's
-own orientation handling is off), and a cheap structural check passes: SOF0/1/2 (baseline,
-extended, progressive; Huffman), 8-bit, 1 or 3 components, marker segments consistent up to the
-first SOS, only legal marker codes in the entropy-coded data, an EOI after it. Everything else (PNG,
-WebP, GIF, TIFF, CMYK, arithmetic or lossless JPEG, rotated, truncated, over budget) is decoded by
+Routing (scanner.decoding.routing.route, on the scan's worker threads). DALI gets a file only when it is
+certain to give the CPU decoder's pixels: a plain JPEG (baseline, extended or progressive Huffman, 8-bit,
+RGB or grey, EXIF orientation 1, within the pixel budget, well-formed up to its EOI). Everything else
+(PNG, WebP, GIF, TIFF, CMYK, arithmetic or lossless JPEG, rotated, truncated, over budget) is decoded by
 scanner.decoding.decode.decode and rejoins the batch in its place.
 
 Isolation. A corrupt JPEG that passes those checks makes the whole DALI batch fail, and the pipeline
@@ -55,7 +52,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scanner.decoding.decode import DecodeError, _orientation, _plan, decode
+from scanner.decoding.decode import DecodeError, decode
+from scanner.decoding.routing import route
 from scanner.errors import ItemError
 from scanner.model.preprocess import global_views
 from scanner.stages import stage
@@ -65,72 +63,6 @@ log = logging.getLogger(__name__)
 INPUT = "encoded"  # the external source's name
 VIEW_SIZE = 224
 WEBDATASET_EXTENSIONS = "jpg;jpeg;png;webp;bmp;gif;tif;tiff"
-
-# Marker codes legal after 0xFF inside or between scans: stuffing, fill, RSTn, EOI, and the tables,
-# comments and APPn that may sit between progressive scans. Anything else (a reserved code, a second
-# SOI or SOF, DNL) is what makes libjpeg stop with an error or needs the CPU decoder's judgement.
-_LEGAL_IN_SCAN = np.zeros(256, dtype=bool)
-_LEGAL_IN_SCAN[[0x00, 0xFF, 0xC4, 0xCC, 0xD9, 0xDA, 0xDB, 0xDD, 0xFE, *range(0xD0, 0xD8), *range(0xE0, 0xF0)]] = True
-_SOF_DALI = {0xC0, 0xC1, 0xC2}  # Huffman baseline, extended sequential, progressive
-_SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-# -- routing (worker threads; no DALI needed) ----------------------------------------------------------
-
-
-def route(data: bytes, max_pixels: int, downscale_large: bool = False) -> tuple[int, int] | None:
-    """(width, height) when DALI may decode `data`, None when scanner.decoding.decode.decode must.
-
-    Raises DecodeError exactly where scanner.decoding.decode.decode refuses the header (same parse).
-    """
-    plan = _plan(data, max_pixels, downscale_large, fast_allowed=False)
-    img = plan.img
-    if plan.target is not None or img.format != "JPEG" or img.mode not in ("RGB", "L"):
-        return None
-    try:
-        if _orientation(img) != 1:
-            return None
-    except Exception:  # noqa: BLE001 - odd EXIF: the CPU decoder's exif_transpose decides what it means
-        return None
-    return img.size if jpeg_well_formed(data) else None
-
-
-def jpeg_well_formed(data: bytes) -> bool:
-    """A cheap structural check (no pixel decoded): SOI; marker segments whose lengths chain up to
-    the first SOS; one SOF0/1/2 frame, 8-bit, 1 or 3 components; after the SOS only legal marker
-    codes (_LEGAL_IN_SCAN); an EOI after the first scan starts (trailing bytes after it allowed)."""
-    n = len(data)
-    if n < 4 or data[:2] != b"\xff\xd8":
-        return False
-    pos, frame_ok = 2, False
-    while True:
-        if pos + 4 > n or data[pos] != 0xFF:
-            return False
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD9:  # standalone markers have no place here
-            return False
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if length < 2 or pos + 2 + length > n:
-            return False
-        if marker in _SOF_ANY:
-            if marker not in _SOF_DALI or length < 8 or frame_ok:
-                return False
-            precision, components = data[pos + 4], data[pos + 9]
-            if precision != 8 or components not in (1, 3):
-                return False
-            frame_ok = True
-        pos += 2 + length
-        if marker == 0xDA:  # SOS: entropy-coded data follows
-            break
-    end = data.rfind(b"\xff\xd9")
-    if not frame_ok or end < pos:
-        return False
-    scan = np.frombuffer(data, dtype=np.uint8, count=end - pos, offset=pos)
-    at = np.flatnonzero(scan[:-1] == 0xFF)
-    return bool(_LEGAL_IN_SCAN[scan[at + 1]].all())
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 (`torchvision.io.decode_jpeg(device="cuda")`), everything else by the CPU decoder. For CUDA machines
 without DALI (`--loader nvjpeg`, and what `auto` picks there for a model on the GPU).
 
-Routing is the dali loader's (scanner.decoding.dali.route: a well-formed baseline or progressive JPEG,
+Routing is the dali loader's, scanner.decoding.routing.route (a well-formed baseline or progressive JPEG,
 RGB or grey, no EXIF rotation, within the pixel budget). A file nvJPEG refuses, or decodes to another
 size than its header gives, is decoded by the CPU decoder, whose error record it gets if that refuses
 it too. Every image of the batch ends on the model's GPU, so the runner uploads nothing.
@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from scanner.decoding.dali import route
+from scanner.decoding.routing import route
 from scanner.stages import stage
 
 log = logging.getLogger(__name__)
