@@ -5,7 +5,9 @@
 1. PSM: kernels.psm_boxes vs scanner.model.psm.psm_boxes on the same GPU feature map (B, C, 7, 7).
 2. Crop-resize: kernels.crop_resize_ragged (normalised, fp16) vs scanner.model.crop_resize.crop_resize
    on the GPU followed by the same scaling, from ragged full-resolution images.
-3. End to end: images/s of the torch_cuda runner (kernels, autocast, pinned upload) vs the naive
+3. Global views: kernels.global_views_ragged vs scanner.model.preprocess.global_views (one interpolate per
+   distinct size) on the same GPU images: all 500x375, and ragged sizes (300-2000 a side).
+4. End to end: images/s of the torch_cuda runner (kernels, autocast, pinned upload) vs the naive
    reference loop (scanner.model.detector.Detector in float32 on the GPU, batch by batch), uint8 CPU images in,
    logits out, same batches.
 
@@ -153,13 +155,13 @@ def bench_e2e(batches, model_path, precision: str, n: int, rounds: int, compile_
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'stage':<12} {'batch':>5} {'fast':>14} {'reference':>14} {'speedup':>8}")
+    print(f"{'stage':<20} {'batch':>5} {'fast':>14} {'reference':>14} {'speedup':>8}")
     for row in rows:
         if row["stage"] == "end_to_end":
             fast, ref = f"{row['fast_img_s']:.1f} img/s", f"{row['reference_img_s']:.1f} img/s"
         else:
             fast, ref = f"{row['kernel_ms']:.3f} ms", f"{row['reference_ms']:.3f} ms"
-        print(f"{row['stage']:<12} {row['batch']:>5} {fast:>14} {ref:>14} {row['speedup']:>7.1f}x")
+        print(f"{row['stage']:<20} {row['batch']:>5} {fast:>14} {ref:>14} {row['speedup']:>7.1f}x")
 
 
 def environment() -> dict:
@@ -170,6 +172,36 @@ def environment() -> dict:
     props = torch.cuda.get_device_properties(0)
     return {**bench_environment(), "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
             "nvrtc": ".".join(map(str, nvrtc_version()))}
+
+
+def bench_views(batches, warmup: int, iters: int) -> list[dict]:
+    from scanner import kernels
+    from scanner.model.preprocess import global_views
+
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for b in batches:
+        for sizes_name, sizes in (("500x375", torch.tensor([[375, 500]] * b)), ("ragged", random_sizes(g, b, 300, 2000))):
+            hwc = [torch.randint(0, 256, (int(h), int(w), 3), dtype=torch.uint8, device="cuda") for h, w in sizes.tolist()]
+            chw = [img.permute(2, 0, 1) for img in hwc]
+
+            def fast():
+                return kernels.global_views_ragged(hwc, 224)
+
+            def reference():
+                return global_views(chw, 224)
+
+            # Within 1e-6 of the CPU reference (tests/test_kernels.py); torch's CUDA interpolate is not that.
+            diff = float((fast() - reference()).abs().max())
+            if diff > 1e-4:
+                raise SystemExit(f"global-view kernel and reference differ by {diff:.3g} at batch {b}: "
+                                 "run pytest -m gpu tests/test_kernels.py")
+            k = cuda_ms(fast, warmup, iters)
+            r = cuda_ms(reference, warmup, iters)
+            rows.append({"stage": f"global_view {sizes_name}", "batch": b,
+                         "megapixels": sum(int(h) * int(w) for h, w in sizes.tolist()) / 1e6,
+                         "kernel_ms": k, "reference_ms": r, "speedup": r / k, "max_abs_diff": diff})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     rows = bench_psm(batches, args.channels, args.warmup, args.iters)
     rows += bench_crop(batches, args.warmup, args.iters)
+    rows += bench_views(batches, args.warmup, args.iters)
     if not args.skip_e2e:
         rows += bench_e2e(batches, args.model, args.precision, args.e2e_images, args.rounds, args.compile_mode)
     print_table(rows)

@@ -1,14 +1,15 @@
-"""CUDA kernels for the serving path: PSM (psm.cu) and ragged crop-resize (crop_resize.cu).
+"""CUDA kernels for the serving path: PSM (psm.cu), ragged crop-resize and global views (crop_resize.cu).
 
 Imported as scanner.kernels: this folder stays at the top of the repository, scanner/kernels links to
 it, and it installs as scanner/kernels (docs/design.md, "Backends, export and kernels").
 
-Each computes the same function as its pure-PyTorch reference (scanner/model/psm.py, scanner/model/crop_resize.py);
-the headers of the .cu files say exactly how, and tests/test_kernels.py checks it.
+Each computes the same function as its pure-PyTorch reference (scanner/model/psm.py, scanner/model/crop_resize.py,
+scanner.model.preprocess.global_views); the .cu files say exactly how, and tests/test_kernels.py checks it.
 
     compile_ptx(name, arch) -> bytes               NVRTC, no GPU needed, cached on disk (kernels.build)
     psm_boxes(fmap, sizes) -> int32 (B, 6, 4)      on fmap's GPU
     crop_resize_ragged(images, boxes, ...) -> (B, K, 3, S, S) float16/bfloat16/float32
+    global_views_ragged(images, S) -> (B, 3, S, S) float32
 
 Kernels compile at first use for the GPU at hand, load with cuda.bindings.driver into torch's
 (primary) context and run on torch's current stream, reading torch tensors in place. cuda-python is
@@ -25,7 +26,8 @@ import torch
 
 from scanner.kernels.build import KernelUnavailable, compile_cubin, compile_ptx  # noqa: F401 - public API
 
-__all__ = ["KernelUnavailable", "compile_ptx", "compile_cubin", "psm_boxes", "crop_resize_ragged", "available"]
+__all__ = ["KernelUnavailable", "compile_ptx", "compile_cubin", "psm_boxes", "crop_resize_ragged", "global_views_ragged",
+           "available"]
 
 PSM_MAX_WINDOWS = 4
 PSM_MAX_FM = 32
@@ -319,3 +321,32 @@ def crop_resize_ragged(
     grid = (-(-s * s // CROP_THREADS), k, batch)
     _launch(device, "crop_resize", _CROP_FUNCTIONS[dtype], grid, CROP_THREADS, 0, args)
     return out
+
+
+@torch.no_grad()
+def global_views_ragged(images: Sequence[torch.Tensor], out_size: int = 224) -> torch.Tensor:
+    """The global views of a ragged batch in one launch, however many sizes it holds.
+
+    images: B uint8 (H_i, W_i, 3) tensors on one GPU, any strides (as crop_resize_ragged). Returns float32
+    (B, 3, S, S) in [0, 1]: scanner.model.preprocess.global_views of the CHW images, within 1e-6 (crop_resize.cu
+    says how). The reference makes one interpolate call per distinct image size.
+    """
+    if not 1 <= int(out_size) <= 4096:
+        raise ValueError(f"out_size must be 1..4096; got {out_size}")
+    batch = len(images)
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"at most {MAX_GRID_YZ} images per call; got {batch}")
+    s = int(out_size)
+    if batch == 0:
+        return torch.empty(0, 3, s, s)
+    device = images[0].device
+    for i, img in enumerate(images):
+        _require_cuda(img, f"image {i}")
+        if img.device != device:
+            raise ValueError(f"all images must be on one GPU; image {i} is on {img.device}, image 0 on {device}")
+    table = image_table(images).pin_memory().to(device, non_blocking=True)
+    out = torch.empty(batch, 3, s, s, dtype=torch.float32, device=device)
+    args = [ctypes.c_void_p(table.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(s)]
+    _launch(device, "crop_resize", "global_view_f32", (-(-s * s // CROP_THREADS), 1, batch), CROP_THREADS, 0, args)
+    return out
+

@@ -1,4 +1,5 @@
-// Crop-resize of K boxes per image from a ragged batch of full-resolution uint8 RGB images.
+// Crop-resize of K boxes per image from a ragged batch of full-resolution uint8 RGB images, and (section
+// "the global view" below) each image's global view, in one launch each.
 //
 // Computes exactly what scanner/model/crop_resize.py (the reference) computes, then the scaling the model
 // applies, in one pass: out[b, k, c] = (bilinear(image_b[c], box_bk) / 255 - mean[c]) / std[c].
@@ -141,7 +142,94 @@ SK_FN void crop_pixel(const long long* table, const long long* boxes, OUT* out, 
     }
 }
 
+// -- the global view -------------------------------------------------------------------------------------
+//
+// scanner.model.preprocess.global_views for a ragged batch: the central square (side m = min(H, W), offset
+// ((H-m)/2, (W-m)/2)) of each image resized to S x S by torch's antialiased bilinear filter
+// (F.interpolate(mode="bilinear", align_corners=False, antialias=True)) of the values / 255, clamped to
+// [0, 1]; out (B, 3, S, S) float32. Per axis, output index i of S from m inputs, in the types torch's CPU
+// kernel computes its weights in:
+//   scale = float(m) / S;  support = scale >= 1 ? scale : 1;  invscale = scale >= 1 ? float(1.0 / scale) : 1
+//   center = float(scale * (i + 0.5))                                    (the product in double)
+//   lo = max(trunc(double(center - support) + 0.5), 0);  hi = min(trunc(double(center + support) + 0.5), m)
+//   w_j = tri(float((double(float(lo + j) - center) + 0.5) * invscale)),  tri(x) = max(0, 1 - |x|),  j < hi - lo
+//   w_j = w_j / sum(w) when the sum (float, in order) is not 0
+// Value, rows first as torch's separable passes run: h(y) = sum_j p(y, lo_x + j) * wx_j, then
+// v = sum_j h(lo_y + j) * wy_j, each sum in float from its first product on, no FMA; p = float(u8) / 255;
+// out = min(max(v, 0), 1). At m == S the weights are (1, 0) and the view is p itself, as the reference's.
+// torch's own CPU kernel fuses some of these sums into FMAs, depending on the size: on random images the
+// view is within 2.4e-7 of global_views on the CPU (tests/test_kernels.py allows 1e-6), and bit-identical
+// between this kernel on a GPU and its host build.
+
+// The weight of input k before normalisation.
+SK_FN float view_weight(long long k, float center, float invscale) {
+    float x = SK_D2F(SK_DMUL(SK_DADD((double)SK_FSUB((float)k, center), 0.5), (double)invscale));
+    x = x < 0.0f ? -x : x;
+    return x < 1.0f ? SK_FSUB(1.0f, x) : 0.0f;
+}
+
+// Output index i of S along an axis of m inputs: the first input, how many, and the filter's centre,
+// inverse scale and weight sum.
+SK_FN void view_axis(long long m, int S, int i, long long* lo, int* n, float* center, float* invscale,
+                     float* total) {
+    const float scale = SK_FDIV((float)m, (float)S);
+    const float support = scale >= 1.0f ? scale : 1.0f;
+    *invscale = scale >= 1.0f ? SK_D2F(SK_DDIV(1.0, (double)scale)) : 1.0f;
+    *center = SK_D2F(SK_DMUL((double)scale, SK_DADD((double)i, 0.5)));
+    long long l = (long long)SK_DADD((double)SK_FSUB(*center, support), 0.5);
+    long long h = (long long)SK_DADD((double)SK_FADD(*center, support), 0.5);
+    l = l > 0 ? l : 0;
+    h = h < m ? h : m;
+    *lo = l;
+    *n = h > l ? (int)(h - l) : 0;
+    float t = 0.0f;
+    for (int j = 0; j < *n; ++j) t = SK_FADD(t, view_weight(l + j, *center, *invscale));
+    *total = t;
+}
+
+SK_FN float view_normalised(float w, float total) { return total != 0.0f ? SK_FDIV(w, total) : w; }
+
+// Output pixel `pix` (row-major in S x S) of image b's view, all three channels.
+SK_FN void view_pixel(const long long* table, float* out, int S, long long b, int pix) {
+    const long long* t = table + 6 * b;
+    const unsigned char* img = (const unsigned char*)t[0];
+    const long long height = t[1], width = t[2], sy = t[3], sx = t[4], sc = t[5];
+    const long long m = height < width ? height : width;
+    const unsigned char* square = img + ((height - m) / 2) * sy + ((width - m) / 2) * sx;
+    long long ly, lx;
+    int ny, nx;
+    float cy, cx, iy, ix, ty, tx;
+    view_axis(m, S, pix / S, &ly, &ny, &cy, &iy, &ty);
+    view_axis(m, S, pix % S, &lx, &nx, &cx, &ix, &tx);
+    float v[3] = {0.0f, 0.0f, 0.0f};
+    for (int jy = 0; jy < ny; ++jy) {
+        const float wy = view_normalised(view_weight(ly + jy, cy, iy), ty);
+        const unsigned char* row = square + (ly + jy) * sy;
+        float h[3] = {0.0f, 0.0f, 0.0f};
+        for (int jx = 0; jx < nx; ++jx) {
+            const float wx = view_normalised(view_weight(lx + jx, cx, ix), tx);
+            const unsigned char* p = row + (lx + jx) * sx;
+            for (int c = 0; c < 3; ++c) {
+                const float term = SK_FMUL(SK_FDIV((float)p[c * sc], 255.0f), wx);
+                h[c] = jx == 0 ? term : SK_FADD(h[c], term);
+            }
+        }
+        for (int c = 0; c < 3; ++c) v[c] = jy == 0 ? SK_FMUL(h[c], wy) : SK_FADD(v[c], SK_FMUL(h[c], wy));
+    }
+    const long long plane = (long long)S * S;
+    for (int c = 0; c < 3; ++c) {
+        const float clamped = v[c] < 0.0f ? 0.0f : (v[c] > 1.0f ? 1.0f : v[c]);
+        out[(b * 3 + c) * plane + pix] = clamped;
+    }
+}
+
 #ifdef __CUDACC__
+extern "C" __global__ void global_view_f32(const long long* table, float* out, int S) {
+    const int pix = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pix >= S * S) return;
+    view_pixel(table, out, S, (long long)blockIdx.z, pix);
+}
+
 template <typename OUT>
 SK_FN void crop_block(const long long* table, const long long* boxes, OUT* out, int K, int S, const CropNorm& norm) {
     const int pix = blockIdx.x * blockDim.x + threadIdx.x;

@@ -44,6 +44,7 @@ from scanner.errors import ScannerError
 from scanner.kernels import build
 from scanner.model.crop_resize import crop_resize
 from scanner.model.detector import Detector
+from scanner.model.preprocess import global_views
 from scanner.model.psm import psm_boxes
 from tests.test_psm import _random_sizes  # the same size mix as the reference's own tests
 
@@ -270,6 +271,11 @@ def test_ops_refuse_cpu_tensors_and_bad_arguments():
         kernels.crop_resize_ragged([img], torch.zeros(1, 6, 4, dtype=torch.int64), dtype=torch.float64)
     empty = kernels.crop_resize_ragged([], torch.zeros(0, 6, 4, dtype=torch.int64), out_size=8)
     assert empty.shape == (0, 6, 3, 8, 8) and empty.dtype == torch.float16
+    with pytest.raises(ValueError, match="image 0 must be a CUDA tensor"):
+        kernels.global_views_ragged([img])
+    with pytest.raises(ValueError, match="out_size must be 1..4096"):
+        kernels.global_views_ragged([img], 0)
+    assert kernels.global_views_ragged([], 8).shape == (0, 3, 8, 8)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the message on a machine without a GPU")
@@ -343,6 +349,10 @@ void float_to_half(const float* in, unsigned short* out, long long n) {
 void float_to_bf16(const float* in, unsigned short* out, long long n) {
     for (long long i = 0; i < n; ++i) out[i] = sk_float_to_bf16(in[i]);
 }
+void view_f32(const long long* t, float* o, int b, int s) {
+    for (long long i = 0; i < b; ++i)
+        for (int pix = 0; pix < s * s; ++pix) view_pixel(t, o, s, i, pix);
+}
 void crop_norm_layout(long long* out) {
     out[0] = sizeof(CropNorm); out[1] = offsetof(CropNorm, mean); out[2] = offsetof(CropNorm, std);
 }
@@ -391,6 +401,13 @@ def _host_crop(lib, images, boxes, size, dtype, mean=None, std=None) -> torch.Te
     return out
 
 
+def _host_views(lib, images, size) -> torch.Tensor:
+    table = kernels.image_table(images)
+    out = torch.full((len(images), 3, size, size), float("nan"))
+    lib.view_f32(_ptr(table), _ptr(out), len(images), size)
+    return out
+
+
 def _gpu_psm(fmap, sizes, **kw) -> torch.Tensor:
     return kernels.psm_boxes(fmap.cuda(), sizes, **kw).cpu()
 
@@ -398,6 +415,10 @@ def _gpu_psm(fmap, sizes, **kw) -> torch.Tensor:
 def _gpu_crop(images, boxes, size, dtype, mean=None, std=None) -> torch.Tensor:
     on_gpu = [img.cuda() for img in images]  # .cuda() keeps the strides: CHW-backed views stay so
     return kernels.crop_resize_ragged(on_gpu, boxes.cuda(), size, dtype, mean, std).cpu()
+
+
+def _gpu_views(images, size) -> torch.Tensor:
+    return kernels.global_views_ragged([img.cuda() for img in images], size).cpu()
 
 
 IMPLS = ["host", pytest.param("gpu", marks=[gpu, needs_gpu, needs_nvrtc])]
@@ -678,6 +699,64 @@ def test_crop_resize_ragged_batch_has_no_cross_talk(impl):
     together = crop(images, boxes, 9, torch.float32)
     for i, img in enumerate(images):
         assert torch.equal(crop([img], boxes[i : i + 1], 9, torch.float32)[0], together[i])
+
+
+# The global view (crop_resize.cu, "the global view").
+
+VIEW_TOLERANCE = 1e-6  # torch's CPU kernel fuses some sums into FMAs; measured at most 2.4e-7 (crop_resize.cu)
+
+
+@pytest.fixture(params=IMPLS)
+def views(request):
+    """views(images, S): the host build on the CPU, or the real kernel on the GPU."""
+    if request.param == "gpu":
+        return _gpu_views
+    lib = request.getfixturevalue("host_libs")["crop_resize"]
+    return lambda images, size: _host_views(lib, images, size)
+
+
+def _assert_views_close(got: torch.Tensor, images: list[torch.Tensor], size: int) -> None:
+    want = global_views([img.permute(2, 0, 1) for img in images], size)
+    assert got.shape == want.shape and got.dtype == want.dtype == torch.float32
+    diff = (got - want).abs().max().item()
+    assert diff <= VIEW_TOLERANCE, f"views differ by up to {diff:.3g}"
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_global_views_match_the_reference_random(views, seed):
+    """Shrinking and enlarging, square and not, HWC and CHW layouts, several sizes in one batch."""
+    g = torch.Generator().manual_seed(seed)
+    size = (1, 7, 16, 61, 224)[seed % 5]
+    images = [_random_image(g, max_side=3 * size + 5) for _ in range(1 + seed % 5)]
+    _assert_views_close(views(images, size), images, size)
+
+
+@pytest.mark.parametrize("shape", SHAPES_AT_224 := [(1, 1), (50, 300), (480, 640), (1000, 700), (113, 2000),
+                                                     (375, 500), (1080, 1920)])
+def test_global_views_at_the_models_size(views, shape):
+    g = torch.Generator().manual_seed(shape[0] + 3 * shape[1])
+    images = [torch.randint(0, 256, (*shape, 3), generator=g, dtype=torch.uint8)]
+    images.append(torch.nn.functional.avg_pool2d(images[0].permute(2, 0, 1)[None].float(), 5, 1, 2)[0]
+                  .byte().permute(1, 2, 0))  # smooth, as photos are, and a CHW view
+    _assert_views_close(views(images, 224), images, 224)
+
+
+@pytest.mark.parametrize("shape", [(224, 224), (224, 500), (400, 224)])
+def test_a_central_square_of_the_views_size_is_its_pixels(views, shape):
+    """No resampling where the square already has the view's size (the reference skips it too)."""
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (*shape, 3), generator=g, dtype=torch.uint8)
+    top, left = (shape[0] - 224) // 2, (shape[1] - 224) // 2
+    square = img[top : top + 224, left : left + 224].permute(2, 0, 1).float() / 255
+    assert torch.equal(views([img], 224)[0], square)
+
+
+def test_global_views_ragged_batch_has_no_cross_talk(views):
+    g = torch.Generator().manual_seed(5)
+    images = [_random_image(g, 90) for _ in range(6)]
+    together = views(images, 32)
+    for i, img in enumerate(images):
+        assert torch.equal(views([img], 32)[0], together[i])
 
 
 # ---------------------------------------------------------------------------------------------------

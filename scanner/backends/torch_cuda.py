@@ -1,14 +1,15 @@
 """The torch CUDA backend: the PyTorch detector on a GPU, with the CUDA kernels between its branches.
 
     uint8 (3, H, W) CPU images -> one pinned staging buffer -> one non-blocking copy -> device views
-        -> global view (scanner.model.preprocess) -> global branch under autocast -> fmap, g
+        -> global views (kernels.global_views_ragged: one launch for the batch, whatever its sizes;
+           scanner.model.preprocess is the reference) -> global branch under autocast -> fmap, g
         -> PSM kernel (kernels.psm_boxes) -> boxes
         -> crop-resize kernel (kernels.crop_resize_ragged: full-resolution ragged images, the local
            backbone's mean/std fused in) -> local branch on the trunk, AFFM, head -> logits
 
 Same function as scanner.model.detector.Detector (the reference, on any device): the kernels give the
-reference's boxes and patches (kernels/*.cu say exactly how), and only the network's arithmetic
-differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references run on the GPU instead
+reference's boxes and patches, and its global views within 1e-6 (kernels/*.cu say exactly how); only the
+network's arithmetic differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references run on the GPU instead
 (`use_kernels=None` picks; the choice is logged once). torch.compile (mode "reduce-overhead" = CUDA
 graphs) only behind `compile_mode`: on an H100 it made the network 1.42x faster, but a scan is bound by
 reading and decoding, and each batch shape then costs ~20 s of compilation (docs/benchmarks.md).
@@ -304,7 +305,7 @@ class TorchCudaRunner:
         sizes = image_sizes(images)  # (B, 2) int64 on the CPU
         with stage("global", self.device):
             on_device = upload(images, self.device)  # (3, H, W) views
-            views = pad_batch(global_views(on_device, size), shaped)  # (P, 3, S, S) float32 in [0, 1]
+            views = pad_batch(self._global_views(on_device, size), shaped)  # (P, 3, S, S) float32 in [0, 1]
             with self._autocast():
                 fmap, g = m.global_branch(views)  # (P, C, 7, 7), (P, D)
             fmap = fmap[:b]
@@ -316,6 +317,15 @@ class TorchCudaRunner:
             with self._autocast():
                 logits = self._local(pad_batch(patches, shaped), g, normalised)[:b]
         return logits.float().reshape(-1), boxes.long(), fmap
+
+    def _global_views(self, images: list[torch.Tensor], size: int) -> torch.Tensor:
+        """The reference makes one interpolate call (and a float copy of every central square) per distinct
+        image size, the kernel one launch for the batch (kernels/crop_resize.cu, within 1e-6 of it)."""
+        if self.use_kernels:
+            from scanner import kernels
+
+            return kernels.global_views_ragged([img.permute(1, 2, 0) for img in images], size)
+        return global_views(images, size)
 
     def _select(self, fmap: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
