@@ -751,6 +751,16 @@ def test_a_central_square_of_the_views_size_is_its_pixels(views, shape):
     assert torch.equal(views([img], 224)[0], square)
 
 
+@gpu
+@needs_gpu
+@needs_nvrtc
+def test_gpu_global_views_equal_the_host_build_bit_for_bit(host_libs):
+    """The same IEEE operations in the same order (NVRTC without FMA contraction) on both."""
+    g = torch.Generator().manual_seed(11)
+    images = [_random_image(g, max_side=700) for _ in range(5)]
+    _assert_same(_gpu_views(images, 224), _host_views(host_libs["crop_resize"], images, 224))
+
+
 def test_global_views_ragged_batch_has_no_cross_talk(views):
     g = torch.Generator().manual_seed(5)
     images = [_random_image(g, 90) for _ in range(6)]
