@@ -1,5 +1,6 @@
-"""Small run of both CUDA kernels for compute-sanitizer (memcheck, racecheck): every dtype, ragged images,
-channels_last feature maps, odd sizes; each result checked against its reference.
+"""Small run of the CUDA kernels for compute-sanitizer (memcheck, racecheck): PSM, crop-resize and global
+views; every dtype, ragged images (HWC and CHW layouts), channels_last feature maps, odd sizes; each result
+checked against its reference.
 
     compute-sanitizer --tool memcheck --error-exitcode 9 python bench/sanitize_kernels.py
 """
@@ -13,6 +14,7 @@ import torch  # noqa: E402
 
 from scanner import kernels  # noqa: E402
 from scanner.model.crop_resize import crop_resize  # noqa: E402
+from scanner.model.preprocess import global_views  # noqa: E402
 from scanner.model.psm import psm_boxes  # noqa: E402
 
 
@@ -33,6 +35,9 @@ def main() -> int:
         got = kernels.crop_resize_ragged([im.cuda() for im in images], boxes, 37, dtype).float().cpu()
         ref = crop_resize([im.permute(2, 0, 1) for im in images], boxes, 37).div(255)
         bad += not torch.allclose(got, ref, atol=1e-2, rtol=0)
+    chw = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in ((1, 1), (37, 500), (300, 29))]
+    views = kernels.global_views_ragged([im.cuda().permute(1, 2, 0) for im in chw], 61).cpu()
+    bad += not torch.allclose(views, global_views(chw, 61), atol=1e-6, rtol=0)
     torch.cuda.synchronize()
     print(f"sanitize_kernels: {bad} mismatches")
     return 1 if bad else 0
