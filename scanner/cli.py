@@ -117,9 +117,11 @@ def _ray_inputs(inputs: tuple, value: str) -> tuple[tuple, str]:
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Detector weights (.safetensors; for --backend onnxruntime also a `scanner export` folder); "
                    "default: the shipped model.")
-@click.option("--batch-size", default=16, show_default=True, help="Images per inference batch.")
+@click.option("--batch-size", type=int, default=None,
+              help="Images per inference batch (default: 16 on the CPU, 256 when the model computes on a GPU).")
 @click.option("--workers", type=int, default=None,
-              help="Decode threads (default: 2 on up to 4 cores, else 4; more for network sources; 0: no overlap).")
+              help="Decode threads (default on the CPU: 2 on up to 4 cores, else 4; on a GPU: all cores but two, "
+                   "4 to 12; more for network sources; 0: no overlap).")
 @click.option("--threads", type=int, default=None, help="Torch intra-op threads (default: one per core).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="Inference backend; auto: tensorrt with a GPU and built engines, else torch on "

@@ -365,3 +365,60 @@ def test_an_item_given_twice_is_scanned_once(tree, detector, tmp_path):
     ids = [r["id"] for r in read_records(out)]
     assert len(ids) == len(set(ids)) == len(expected)
     assert summary.skipped_done == 2
+
+
+class _BatchRecorder:
+    """A runner (scanner.scan.inference's contract) that computes nothing and records its batch sizes;
+    `device` is where it says it computes, as the GPU runners do (nothing runs there)."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.sizes: list[int] = []
+
+    def eval(self):
+        return self
+
+    def __call__(self, images):
+        from scanner.model.detector import DetectorOutput
+
+        self.sizes.append(len(images))
+        return DetectorOutput(logits=torch.zeros(len(images)), boxes=torch.zeros((len(images), 1, 4), dtype=torch.long))
+
+
+def test_batch_size_and_workers_default_by_the_models_device(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from scanner.scan import pipeline
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    jpeg = encode(gradient(8, 8), "JPEG")
+    for i in range(300):
+        (folder / f"{i:03d}.jpg").write_bytes(jpeg)
+    info = SimpleNamespace(model_id="stub@0", threshold=0.5)
+    pools = []
+    real_pool = pipeline.ThreadPoolExecutor
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor",
+                        lambda n, **kw: pools.append((kw.get("thread_name_prefix"), n)) or real_pool(n, **kw))
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
+    for device, batches, workers in (("cpu", [16] * 18 + [12], 4), ("cuda", [256, 44], 12)):
+        runner, pools[:] = _BatchRecorder(device), []
+        summary = scan(folder, tmp_path / f"{device}.jsonl", runner, info, options=ScanOptions(force=True))
+        assert summary.scanned == 300 and summary.errors == 0
+        assert runner.sizes == batches
+        assert ("scan-decode", workers) in pools
+    # Given ones win.
+    runner = _BatchRecorder("cuda")
+    scan(folder, tmp_path / "given.jsonl", runner, info, options=ScanOptions(force=True, batch_size=100))
+    assert runner.sizes == [100, 100, 100]
+
+
+def test_default_workers_by_cores(monkeypatch):
+    from scanner.scan import pipeline
+
+    for cores, cpu, gpu in ((1, 2, 4), (2, 2, 4), (4, 2, 4), (8, 4, 6), (16, 4, 12), (64, 4, 12)):
+        monkeypatch.setattr(pipeline.os, "cpu_count", lambda cores=cores: cores)
+        assert pipeline.default_workers() == pipeline.default_workers(torch.device("cpu")) == cpu
+        assert pipeline.default_workers(torch.device("cuda", 0)) == gpu
+    assert pipeline.default_batch_size() == pipeline.default_batch_size(torch.device("cpu")) == 16
+    assert pipeline.default_batch_size(torch.device("cuda")) == 256

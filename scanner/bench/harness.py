@@ -114,7 +114,8 @@ def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOp
         summary = scan([], out, runner, info, from_list=str(list_file), options=options)
     images = summary.scanned - summary.errors
     scores = {r["id"]: r["score"] for r in iter_records(out) if r.get("error") is None}
-    shares = busy_shares(times.seconds, summary.seconds, default_workers() if opts.workers is None else opts.workers)
+    workers = default_workers(model_device(runner)) if opts.workers is None else opts.workers
+    shares = busy_shares(times.seconds, summary.seconds, workers)
     return {"images": images, "errors": summary.errors, "seconds": summary.seconds,
             "busy": shares, "bound": bound(shares),
             "images_per_s": images / summary.seconds if summary.seconds > 0 else 0.0,
@@ -193,7 +194,7 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         baseline, _ = load_detector(info.path, device=device)
         baseline = naive_model(baseline)
-    workers = default_workers() if opts.workers is None else opts.workers
+    workers = default_workers(model_device(runner)) if opts.workers is None else opts.workers
     list_file = work_dir / "images.txt"
     list_file.write_text("".join(f"{p}\n" for p in paths))
     results = []

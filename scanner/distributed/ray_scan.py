@@ -454,7 +454,7 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
     (scanner.scan.preflight; preflight=False: the caller has checked).
     """
     from scanner.backends import CHOICES
-    from scanner.scan.pipeline import ScanOptions
+    from scanner.scan.pipeline import ScanOptions, default_batch_size
 
     ray = require_ray()
     options = options or ScanOptions()
@@ -492,7 +492,8 @@ def scan_ray(inputs, out_dir, *, from_list: str | None = None, address: str | No
             actor_args = {"backend": backend, "model_path": model_path, "engines_dir": engines_dir,
                           "threads": threads or (None if gpus else resources["num_cpus"]),
                           "model_id": info.model_id, "threshold": threshold, "decode_options": options.decode,
-                          "batch_size": options.batch_size, "workers": workers}
+                          "batch_size": options.batch_size or default_batch_size("cuda" if gpus else None),
+                          "workers": workers}
             summary = _Driver(ray, parts, stop, part_size, part_seconds, on_part).run(
                 items, console, total, actors=actors, resources=resources, actor_args=actor_args)
     except BaseException:

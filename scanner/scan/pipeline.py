@@ -37,7 +37,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -59,8 +59,8 @@ _END = object()
 
 @dataclass
 class ScanOptions:
-    batch_size: int = 16
-    workers: int | None = None  # decode threads; None: default_workers(); 0: no overlap (one thread)
+    batch_size: int | None = None  # None: default_batch_size(the model's device)
+    workers: int | None = None  # decode threads; None: default_workers(the model's device); 0: no overlap
     threshold: float | None = None  # None: the model's calibrated threshold
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     fmt: str = "jsonl"
@@ -76,7 +76,7 @@ class ScanOptions:
         return self.decode.retry
 
     def validate(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ScannerError(f"batch size is {self.batch_size}; expected a positive integer")
         if self.workers is not None and self.workers < 0:
             raise ScannerError(f"workers is {self.workers}; expected 0 (no overlap) or more")
@@ -107,11 +107,28 @@ class ScanSummary:
         return asdict(self)
 
 
-def default_workers() -> int:
-    """Decode threads. Decoding costs a few percent of inference on the CPU, so a small pool keeps the
-    model fed without taking cores from torch's intra-op threads; more threads only help when reads
-    wait on the network (pass --workers)."""
-    return 2 if (os.cpu_count() or 1) <= 4 else 4
+def _on_gpu(device) -> bool:
+    return device is not None and getattr(device, "type", str(device)).startswith("cuda")
+
+
+def default_batch_size(device=None) -> int:
+    """Images per batch where none is given. On the CPU 16: the network's rate hardly grows past it and
+    results come sooner. On a GPU 256, the torch CUDA runner's largest fixed shape: an H100 scanned
+    490-660 images/s at batches of 128-256, an H200 221 at 32 (docs/benchmarks.md)."""
+    return 256 if _on_gpu(device) else 16
+
+
+def default_workers(device=None) -> int:
+    """Decode threads where none are given. On the CPU decoding costs a few percent of inference, so a
+    small pool keeps the model fed without taking cores from torch's intra-op threads (2 on up to 4
+    cores, else 4). On a GPU the workers' reading, hashing and header checks (and the CPU decodes of
+    what the GPU decoder does not take) are what feeds the GPU: all cores but two, at most 12 (the GPU
+    runs of docs/benchmarks.md used 12 of 16). More threads help when reads wait on the network
+    (pass --workers)."""
+    cores = os.cpu_count() or 1
+    if _on_gpu(device):
+        return max(4, min(12, cores - 2))
+    return 2 if cores <= 4 else 4
 
 
 class _Feed:
@@ -288,8 +305,10 @@ def scan(inputs, out_path, model, info, *, from_list: str | None = None, options
 
         check_optional_packages(inputs, from_list, fmt=options.fmt, loader=options.loader)
     items = iter_sources(inputs, from_list=from_list, max_bytes=options.decode.max_bytes, retry=options.retry)
-    workers = default_workers() if options.workers is None else options.workers
     device = model_device(model)
+    workers = default_workers(device) if options.workers is None else options.workers
+    if options.batch_size is None:
+        options = replace(options, batch_size=default_batch_size(device))
     loader_name = resolve_loader(options.loader, device)  # auto: decode where the model computes
     loader = None if loader_name == "cpu" else make_loader(loader_name, model_id=info.model_id, options=options.decode,
                                                           batch_size=options.batch_size, device=device)
