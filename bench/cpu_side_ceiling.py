@@ -12,6 +12,9 @@ reads release the GIL; header parsing holds it): on N cores a rate that stops gr
 is bound by the GIL or by a single thread, whose busy share the row gives.
 
 Images: generated JPEGs of one size (scanner.bench.inputs), so the stand-in knows each image's size.
+
+`--routers fast,pillow` runs the nvjpeg rows with each header check: scanner.decoding.routing.route (the
+marker walk) and route_pillow (its reference, Pillow's parse, which the scan used before), side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from scanner import stages  # noqa: E402
 from scanner.bench.bounds import FeedRunner, bound, busy_shares  # noqa: E402
 from scanner.bench.inputs import generate_images, parse_sizes  # noqa: E402
 from scanner.decoding.nvjpeg import NvjpegLoader  # noqa: E402
+from scanner.decoding.routing import route_pillow  # noqa: E402
 from scanner.scan import pipeline  # noqa: E402
 from scanner.scan.pipeline import ScanOptions, scan  # noqa: E402
 
@@ -46,13 +50,21 @@ def no_op_nvjpeg(size: tuple[int, int]):
     return decode
 
 
-def run_once(list_file: Path, out: Path, loader: str, workers: int, batch: int, size) -> dict:
+class PillowRoutedLoader(NvjpegLoader):
+    """The nvjpeg loader with the reference header check (Pillow's parse) instead of the marker walk."""
+
+    def route(self, data: bytes, options):
+        return route_pillow(data, options.max_pixels, options.downscale_large)
+
+
+def run_once(list_file: Path, out: Path, loader: str, workers: int, batch: int, size, router: str = "fast") -> dict:
     info = SimpleNamespace(model_id="feed@0", threshold=0.5)  # what scan() reads of a ModelInfo
     restore = pipeline.resolve_loader, pipeline.make_loader
     if loader == "nvjpeg":  # the GPU loader's routing and batching, with its decode a no-op on the CPU
+        kind = PillowRoutedLoader if router == "pillow" else NvjpegLoader
         pipeline.resolve_loader = lambda name, device=None: "nvjpeg"
-        pipeline.make_loader = lambda name, **kw: NvjpegLoader(info.model_id, kw.get("options"), device="cpu",
-                                                               decode=no_op_nvjpeg(size))
+        pipeline.make_loader = lambda name, **kw: kind(info.model_id, kw.get("options"), device="cpu",
+                                                       decode=no_op_nvjpeg(size))
     times = stages.StageTimes()
     try:
         with stages.recording(times):
@@ -71,6 +83,7 @@ def main() -> None:
     parser.add_argument("--size", default="500x375", help="WxH of the generated JPEGs")
     parser.add_argument("--workers", default="1,2,4", help="decode workers to try, comma-separated")
     parser.add_argument("--loaders", default="nvjpeg,cpu")
+    parser.add_argument("--routers", default="fast", help="header checks for the nvjpeg rows: fast, pillow or both")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
@@ -82,22 +95,25 @@ def main() -> None:
         paths = generate_images(Path(tmp) / "images", args.images, [size])
         list_file = Path(tmp) / "images.txt"
         list_file.write_text("".join(f"{p}\n" for p in paths))
-        configs = [(loader, int(w)) for loader in args.loaders.split(",") for w in args.workers.split(",")]
+        routers = args.routers.split(",")
+        configs = [(loader, router, int(w)) for loader in args.loaders.split(",")
+                   for router in (routers if loader == "nvjpeg" else ["-"]) for w in args.workers.split(",")]
         runs: dict = {c: [] for c in configs}
         for r in range(args.rounds):  # configurations alternate within each round: noise hits all alike
-            for loader, workers in configs:
-                got = run_once(list_file, Path(tmp) / "out.jsonl", loader, workers, args.batch_size, size)
-                runs[loader, workers].append(got)
-                print(f"round {r + 1} {loader:6s} workers {workers}: {got['images_per_s']:8.1f} img/s, "
+            for loader, router, workers in configs:
+                got = run_once(list_file, Path(tmp) / "out.jsonl", loader, workers, args.batch_size, size, router)
+                runs[loader, router, workers].append(got)
+                print(f"round {r + 1} {loader:6s} {router:6s} workers {workers}: {got['images_per_s']:8.1f} img/s, "
                       f"bound {got['bound']} " + " ".join(f"{k} {100 * v:.0f}%" for k, v in got["busy"].items()),
                       flush=True)
-        for (loader, workers), got in runs.items():
-            rows.append({"loader": loader, "workers": workers,
+        for (loader, router, workers), got in runs.items():
+            rows.append({"loader": loader, "router": router, "workers": workers,
                          "images_per_s": statistics.median(g["images_per_s"] for g in got),
                          "rounds": [g["images_per_s"] for g in got], "last": got[-1]})
-    print(f"\n{'loader':8s}{'workers':>8s}{'img/s':>10s}  bound (last round)")
+    print(f"\n{'loader':8s}{'router':8s}{'workers':>8s}{'img/s':>10s}  bound (last round)")
     for row in rows:
-        print(f"{row['loader']:8s}{row['workers']:>8d}{row['images_per_s']:>10.1f}  {row['last']['bound']}")
+        print(f"{row['loader']:8s}{row['router']:8s}{row['workers']:>8d}{row['images_per_s']:>10.1f}  "
+              f"{row['last']['bound']}")
     if args.json:
         args.json.write_text(json.dumps({"images": args.images, "size": args.size, "batch_size": args.batch_size,
                                          "rows": rows}, indent=2) + "\n")

@@ -22,7 +22,8 @@
 #   shipped weights), so carry the file in parts of what is left (split -b 14M: 7 calls), join them on
 #   the machine and export SCANNER_CLIP_ONNX=FILE.
 # ceiling: the CPU side of a GPU scan with nvJPEG and the network made no-ops (bench/cpu_side_ceiling.py),
-#   4, 8 and 12 decode workers: what the machine's cores can feed, and whether threads scale (GIL).
+#   4, 8 and 12 decode workers: what the machine's cores can feed, and whether threads scale (GIL); the
+#   nvjpeg rows with the marker-walk header check and with Pillow's (the reference, used before).
 # tuning (issue 20; run only when named): research/clip_trunk_tuning_pilot.py on every leave-one-out fold,
 #   CLIP layers $TUNE_FROM-9 (default 5-9) tuned for $EPOCHS (default 4) epochs beside the frozen baseline,
 #   on the pools unpacked under $POOLS (default /tmp/pools) from research/pack_pools.py's parts (17 calls
@@ -93,8 +94,8 @@ print(w, load_detector(w)[0].backbone.fmap_channels)" "$m" 2>> "$O/models.txt") 
       --json "$O/serial_${m}_500.json"
   done
 fi
-want ceiling && TAIL=12 step cpu_ceiling 45 python3 bench/cpu_side_ceiling.py --images 2048 --workers 4,8,12 \
-  --rounds 1 --json "$O/cpu_ceiling.json"
+want ceiling && TAIL=16 step cpu_ceiling 45 python3 bench/cpu_side_ceiling.py --images 2048 --workers 4,8,12 \
+  --routers fast,pillow --rounds 1 --json "$O/cpu_ceiling.json"
 if want tuning; then
   P=${POOLS:-/tmp/pools}
   TAIL=25 step tuning 540 python3 research/clip_trunk_tuning_pilot.py --data "$P/dev" "$P/extra" "$P/photoreal" \
