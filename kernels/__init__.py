@@ -3,8 +3,9 @@
 Imported as scanner.kernels: this folder stays at the top of the repository, scanner/kernels links to
 it, and it installs as scanner/kernels (docs/design.md, "Backends, export and kernels").
 
-Each computes the same function as its pure-PyTorch reference (scanner/model/psm.py, scanner/model/crop_resize.py,
-scanner.model.preprocess.global_views); the .cu files say exactly how, and tests/test_kernels.py checks it.
+Each computes the same function as its pure-PyTorch reference (scanner/model/psm.py,
+scanner/model/crop_resize.py, scanner.model.preprocess.global_views); the .cu files say exactly how, and
+tests/test_kernels.py checks it.
 
     compile_ptx(name, arch) -> bytes               NVRTC, no GPU needed, cached on disk (kernels.build)
     psm_boxes(fmap, sizes) -> int32 (B, 6, 4)      on fmap's GPU
@@ -26,8 +27,8 @@ import torch
 
 from scanner.kernels.build import KernelUnavailable, compile_cubin, compile_ptx  # noqa: F401 - public API
 
-__all__ = ["KernelUnavailable", "compile_ptx", "compile_cubin", "psm_boxes", "crop_resize_ragged", "global_views_ragged",
-           "available"]
+__all__ = ["KernelUnavailable", "compile_ptx", "compile_cubin", "psm_boxes", "crop_resize_ragged",
+           "global_views_ragged", "available"]
 
 PSM_MAX_WINDOWS = 4
 PSM_MAX_FM = 32
@@ -349,4 +350,3 @@ def global_views_ragged(images: Sequence[torch.Tensor], out_size: int = 224) -> 
     args = [ctypes.c_void_p(table.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(s)]
     _launch(device, "crop_resize", "global_view_f32", (-(-s * s // CROP_THREADS), 1, batch), CROP_THREADS, 0, args)
     return out
-

@@ -9,10 +9,11 @@
 
 Same function as scanner.model.detector.Detector (the reference, on any device): the kernels give the
 reference's boxes and patches, and its global views within 1e-6 (kernels/*.cu say exactly how); only the
-network's arithmetic differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references run on the GPU instead
-(`use_kernels=None` picks; the choice is logged once). torch.compile (mode "reduce-overhead" = CUDA
-graphs) only behind `compile_mode`: on an H100 it made the network 1.42x faster, but a scan is bound by
-reading and decoding, and each batch shape then costs ~20 s of compilation (docs/benchmarks.md).
+network's arithmetic differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NVRTC the references run on
+the GPU instead (`use_kernels=None` picks; the choice is logged once). torch.compile (mode
+"reduce-overhead" = CUDA graphs) only behind `compile_mode`: on an H100 it made the network 1.42x faster,
+but a scan is bound by reading and decoding, and each batch shape then costs ~20 s of compilation
+(docs/benchmarks.md).
 
 Fixed batch shapes: cuDNN pays seconds of set-up for every new batch shape (and torch.compile
 compiles one graph per shape), and the scan's pixel budget cuts batches of large images into sizes

@@ -12,11 +12,12 @@ marker codes in the entropy-coded data, an EOI after it.
 Two implementations of that decision (docs/design.md, "Conventions"):
 
 - `route_pillow`, the reference: scanner.decoding.decode's header parse (Pillow), then the checks above.
-- `route`, the fast path: `plain_jpeg_header` walks the marker segments in a few lines of Python and
-  answers alone for headers made only of segments whose Pillow parse it mirrors and that cannot carry
-  an orientation (no EXIF or XMP); everything else goes to `route_pillow`. On a GPU scan's CPU side the
-  header check was the largest share of the work that holds the GIL: Pillow's parse of a 500x375 JPEG
-  took about 60 us, this walk and the scan check about 15 us (docs/benchmarks.md, issue 23).
+- `route`, the fast path: `walk_header` walks the marker segments in a few lines of Python, and the
+  walk answers alone for headers made only of segments whose Pillow parse it mirrors (`_route_fast`;
+  EXIF read by Pillow's own EXIF parser, XMP left to Pillow); everything else goes to `route_pillow`.
+  On a GPU scan's CPU side the header check was the largest share of the work that holds the GIL:
+  Pillow's parse of a 500x375 JPEG took 65-95 us under its lock, the walk with the scan check 25-40 us,
+  16 of them numpy's scan of the entropy-coded data without the GIL (docs/benchmarks.md, issue 23).
 
 tests/test_routing.py compares `route` with `route_pillow` on generated JPEGs of every kind named here,
 on the decode corpus and on thousands of randomly damaged headers: same size, same None, same error.
@@ -93,7 +94,8 @@ def walk_header(data: bytes) -> JpegHeader | None:
             precision, components = data[pos + 4], data[pos + 9]
             if precision != 8 or components not in (1, 3):
                 return None
-            height, width = int.from_bytes(data[pos + 5 : pos + 7], "big"), int.from_bytes(data[pos + 7 : pos + 9], "big")
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
             frame = (width, height, components)
         segments.append((marker, pos + 4, pos + 2 + length))
         pos += 2 + length

@@ -112,9 +112,8 @@ def _on_gpu(device) -> bool:
 
 
 def default_batch_size(device=None) -> int:
-    """Images per batch where none is given. On the CPU 16: the network's rate hardly grows past it and
-    results come sooner. On a GPU 256, the torch CUDA runner's largest fixed shape: an H100 scanned
-    490-660 images/s at batches of 128-256, an H200 221 at 32 (docs/benchmarks.md)."""
+    """Images per batch where none is given: 16 on the CPU; 256 on a GPU, the torch CUDA runner's largest
+    fixed shape (the GPU scans of docs/benchmarks.md ran at 128-256: 490-660 images/s on an H100)."""
     return 256 if _on_gpu(device) else 16
 
 
