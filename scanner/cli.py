@@ -233,7 +233,8 @@ def run(inputs, out, from_list, fmt, force, model_path, batch_size, workers, thr
 @click.option("--sizes", default="640x480", show_default=True, help="Sizes of generated images, WxH[,WxH...].")
 @click.option("--limit", type=int, default=200, show_default=True,
               help="At most this many images of FOLDER (a seeded sample).")
-@click.option("--batch-size", "batch_sizes", default="16", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--batch-size", "batch_sizes", default=None,
+              help="Batch sizes, comma-separated (default: scanner run's, 16 on the CPU and 256 on a GPU).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="Backend of the scan (as scanner run).")
 @click.option("--loader", type=click.Choice(["auto", "cpu", "dali", "nvjpeg"]), default="auto", show_default=True)
@@ -272,7 +273,7 @@ def bench_cmd(folder, generate, sizes, limit, batch_sizes, backend, loader, engi
     if quick:
         generate, sizes, batch_sizes, rounds = (generate or 12), "320x240,200x200", "4", 1
     try:
-        batches = [int(b) for b in batch_sizes.split(",")]
+        batches = [int(b) for b in batch_sizes.split(",")] if batch_sizes is not None else None
     except ValueError:
         raise ScannerError(f"--batch-size {batch_sizes!r}: expected integers, comma-separated") from None
     if arch and model_path:

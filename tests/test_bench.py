@@ -180,6 +180,10 @@ def test_bench_without_the_baseline(tiny_weights, tmp_path, monkeypatch):
                                            model_path=tiny_weights, naive=False), tmp_path, log=lambda msg: None)
     assert report["naive_images_per_s"] is None and report["ratio"] is None and report["images_per_s"] > 0
     assert report["loader"] == "cpu"
+    # No batch size given: the scan's default for the model's device (the CPU here).
+    report = run_bench(paths, BenchOptions(backend="torch", workers=0, model_path=tiny_weights, naive=False),
+                       tmp_path, log=lambda msg: None)
+    assert [r["batch_size"] for r in report["results"]] == [16]
 
 
 def test_bench_refuses_bad_options(tiny_weights, tmp_path):
@@ -187,6 +191,8 @@ def test_bench_refuses_bad_options(tiny_weights, tmp_path):
         run_bench([], BenchOptions(), tmp_path)
     with pytest.raises(ScannerError):
         run_bench([tmp_path / "x.jpg"], BenchOptions(batch_sizes=[0], model_path=tiny_weights), tmp_path)
+    with pytest.raises(ScannerError):
+        run_bench([tmp_path / "x.jpg"], BenchOptions(batch_sizes=[], model_path=tiny_weights), tmp_path)
 
 
 def test_cli_quick_writes_the_json(tiny_weights, tmp_path):

@@ -19,7 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from scanner.errors import ScannerError
 class BenchOptions:
     backend: str = "auto"
     loader: str = "cpu"
-    batch_sizes: list[int] = field(default_factory=lambda: [16])
+    batch_sizes: list[int] | None = None  # None: the scan's default for the model's device (default_batch_size)
     workers: int | None = None  # decode threads of the scan and DataLoader workers of the baseline
     threads: int | None = None  # intra-op threads of both (None: torch's default)
     model_path: str | Path | None = None
@@ -177,24 +177,25 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
     from scanner.bench.bounds import FeedRunner
     from scanner.bench.naive import naive_model
     from scanner.model.weights import load_detector
-    from scanner.scan.pipeline import default_workers, set_threads
+    from scanner.scan.pipeline import default_batch_size, default_workers, set_threads
 
     if not paths:
         raise ScannerError("no images to bench")
-    if opts.rounds < 1 or not opts.batch_sizes or min(opts.batch_sizes) < 1:
+    if opts.rounds < 1 or (opts.batch_sizes is not None and (not opts.batch_sizes or min(opts.batch_sizes) < 1)):
         raise ScannerError("rounds and batch sizes must be positive")
     set_threads(opts.threads)
     backend = resolve_auto(opts.engines_dir, opts.model_path) if opts.backend == "auto" else opts.backend
     runner, info = load_backend(backend, opts.model_path, threads=opts.threads, engines_dir=opts.engines_dir,
                                 cache_dir=work_dir / "onnx" if opts.model_path and _scratch(opts.model_path, work_dir)
                                 else None, precision=opts.precision)
-    opts = dataclasses.replace(opts, loader=resolve_loader(opts.loader, model_device(runner)))  # auto: as the scan resolves it
+    device = model_device(runner)
+    opts = dataclasses.replace(opts, loader=resolve_loader(opts.loader, device),  # auto: as the scan resolves it
+                               batch_sizes=opts.batch_sizes or [default_batch_size(device)])
     baseline = None
     if opts.naive:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        baseline, _ = load_detector(info.path, device=device)
+        baseline, _ = load_detector(info.path, device="cuda" if torch.cuda.is_available() else "cpu")
         baseline = naive_model(baseline)
-    workers = default_workers(model_device(runner)) if opts.workers is None else opts.workers
+    workers = default_workers(device) if opts.workers is None else opts.workers
     list_file = work_dir / "images.txt"
     list_file.write_text("".join(f"{p}\n" for p in paths))
     results = []
