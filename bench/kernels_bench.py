@@ -7,9 +7,9 @@
    on the GPU followed by the same scaling, from ragged full-resolution images.
 3. Global views: kernels.global_views_ragged vs scanner.model.preprocess.global_views (one interpolate per
    distinct size) on the same GPU images: all 500x375, and ragged sizes (300-2000 a side).
-4. End to end: images/s of the torch_cuda runner (kernels, autocast, pinned upload) vs the naive
-   reference loop (scanner.model.detector.Detector in float32 on the GPU, batch by batch), uint8 CPU images in,
-   logits out, same batches.
+4. End to end: images/s of the torch_cuda runner (kernels, autocast, pinned upload; with --cuda-graphs also
+   with its networks replayed from CUDA graphs) vs the naive reference loop (scanner.model.detector.Detector
+   in float32 on the GPU, batch by batch), uint8 CPU images in, logits out, same batches.
 
 Kernel times are CUDA-event medians over --iters runs after warm-up; each pair is checked for equal
 results first. Prints a table and writes JSON (device, versions, every row). Needs a CUDA GPU,
@@ -132,13 +132,17 @@ def images_per_second(run, images, batch: int, rounds: int) -> float:
     return best
 
 
-def bench_e2e(batches, model_path, precision: str, n: int, rounds: int, compile_mode) -> list[dict]:
-    from scanner.backends.torch_cuda import load_torch_cuda
+def bench_e2e(batches, model_path, precision: str, n: int, rounds: int, compile_mode,
+              cuda_graphs: bool = False) -> list[dict]:
+    from scanner.backends.torch_cuda import TorchCudaRunner, load_torch_cuda
     from scanner.model.weights import load_detector
 
     images = e2e_images(n, seed=2)
     fast, info = load_torch_cuda(model_path, precision=precision, use_kernels=True, compile_mode=compile_mode)
     naive, _ = load_detector(model_path, device="cuda")
+    # The same model through CUDA graphs (scanner.backends.cuda_graphs), timed beside the eager runner.
+    graphed = TorchCudaRunner(fast.model, fast.device, precision=precision, use_kernels=True,
+                              cuda_graphs=True).eval() if cuda_graphs else None
 
     @torch.inference_mode()
     def reference(batch):
@@ -148,16 +152,20 @@ def bench_e2e(batches, model_path, precision: str, n: int, rounds: int, compile_
     for b in batches:
         f = images_per_second(fast, images, b, rounds)
         r = images_per_second(reference, images, b, rounds)
-        rows.append({"stage": "end_to_end", "batch": b, "model": info.model_id, "precision": precision,
-                     "compile_mode": compile_mode, "images": n, "fast_img_s": f, "reference_img_s": r,
-                     "speedup": f / r})
+        row = {"stage": "end_to_end", "batch": b, "model": info.model_id, "precision": precision,
+               "compile_mode": compile_mode, "images": n, "fast_img_s": f, "reference_img_s": r, "speedup": f / r}
+        rows.append(row)
+        if graphed is not None:
+            fg = images_per_second(graphed, images, b, rounds)
+            rows.append({**row, "stage": "end_to_end_graphs", "fast_img_s": fg, "speedup": fg / r,
+                         "graphs_over_eager": fg / f})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'stage':<20} {'batch':>5} {'fast':>14} {'reference':>14} {'speedup':>8}")
     for row in rows:
-        if row["stage"] == "end_to_end":
+        if row["stage"].startswith("end_to_end"):
             fast, ref = f"{row['fast_img_s']:.1f} img/s", f"{row['reference_img_s']:.1f} img/s"
         else:
             fast, ref = f"{row['kernel_ms']:.3f} ms", f"{row['reference_ms']:.3f} ms"
@@ -181,8 +189,10 @@ def bench_views(batches, warmup: int, iters: int) -> list[dict]:
     g = torch.Generator().manual_seed(2)
     rows = []
     for b in batches:
-        for sizes_name, sizes in (("500x375", torch.tensor([[375, 500]] * b)), ("ragged", random_sizes(g, b, 300, 2000))):
-            hwc = [torch.randint(0, 256, (int(h), int(w), 3), dtype=torch.uint8, device="cuda") for h, w in sizes.tolist()]
+        uniform = torch.tensor([[375, 500]] * b)
+        for sizes_name, sizes in (("500x375", uniform), ("ragged", random_sizes(g, b, 300, 2000))):
+            hwc = [torch.randint(0, 256, (int(h), int(w), 3), dtype=torch.uint8, device="cuda")
+                   for h, w in sizes.tolist()]
             chw = [img.permute(2, 0, 1) for img in hwc]
 
             def fast():
@@ -218,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time the runner with CUDA graphs (end_to_end_graphs rows), same images")
     parser.add_argument("--out", default="kernels_bench.json")
     args = parser.parse_args(argv)
 
@@ -241,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += bench_crop(batches, args.warmup, args.iters)
     rows += bench_views(batches, args.warmup, args.iters)
     if not args.skip_e2e:
-        rows += bench_e2e(batches, args.model, args.precision, args.e2e_images, args.rounds, args.compile_mode)
+        rows += bench_e2e(batches, args.model, args.precision, args.e2e_images, args.rounds, args.compile_mode,
+                          args.cuda_graphs)
     print_table(rows)
     report = {"environment": environment(), "rows": rows}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -13,7 +13,8 @@ network's arithmetic differs (fp16/bf16 autocast, cuDNN). Without cuda-python/NV
 the GPU instead (`use_kernels=None` picks; the choice is logged once). torch.compile (mode
 "reduce-overhead" = CUDA graphs) only behind `compile_mode`: on an H100 it made the network 1.42x faster,
 but a scan is bound by reading and decoding, and each batch shape then costs ~20 s of compilation
-(docs/benchmarks.md).
+(docs/benchmarks.md). `cuda_graphs` replays the networks from CUDA graphs without compiling
+(scanner.backends.cuda_graphs); off by default until a GPU has measured it.
 
 Fixed batch shapes: cuDNN pays seconds of set-up for every new batch shape (and torch.compile
 compiles one graph per shape), and the scan's pixel budget cuts batches of large images into sizes
@@ -216,13 +217,18 @@ class TorchCudaRunner:
     given); see the module doc.
     fuse_normalise: the crop-resize kernel applies the local backbone's mean/std, and the local
     branch calls the trunk directly (one elementwise pass over the patches saved).
+    cuda_graphs: the global and the local network replay CUDA graphs, one per batch shape
+    (scanner.backends.cuda_graphs); needs fixed shapes (min_shape > 0), excludes compile_mode.
     """
 
     def __init__(self, model: Detector, device: str | torch.device = "cuda", precision: str = "fp16",
                  use_kernels: bool | None = None, fuse_normalise: bool = True, compile_mode: str | None = None,
-                 max_batch: int = 256, min_shape: int = 32):
+                 max_batch: int = 256, min_shape: int = 32, cuda_graphs: bool = False):
         if precision not in PRECISIONS:
             raise ScannerError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if cuda_graphs and (compile_mode or min_shape <= 0):
+            raise ScannerError("cuda_graphs needs fixed batch shapes (min_shape > 0) and no compile_mode "
+                               "(whose reduce-overhead mode makes graphs of its own)")
         if max_batch < 1:
             raise ScannerError(f"max_batch must be >= 1; got {max_batch}")
         if min_shape < 0:
@@ -244,9 +250,17 @@ class TorchCudaRunner:
             for backbone in {id(b): b for b in (model.backbone, model.local_backbone)}.values():
                 # dynamic=False: one static graph per padded batch size, not a dynamic-shape recompile.
                 backbone.trunk = torch.compile(backbone.trunk, mode=compile_mode, dynamic=False)
-        log.info("torch_cuda backend on %s: %s, PSM and crop-resize by %s%s", self.device, precision,
+        self.cuda_graphs = cuda_graphs
+        # The two networks, as _run calls them: directly, or replayed from graphs.
+        self._global_net, self._local_net = model.global_branch, self._local_branch
+        if cuda_graphs:
+            from scanner.backends.cuda_graphs import GraphedCall
+
+            self._global_net, self._local_net = GraphedCall(model.global_branch), GraphedCall(self._local_branch)
+        log.info("torch_cuda backend on %s: %s, PSM and crop-resize by %s%s%s", self.device, precision,
                  "the CUDA kernels" if self.use_kernels else "the torch references",
-                 f", torch.compile mode {compile_mode}" if compile_mode else "")
+                 f", torch.compile mode {compile_mode}" if compile_mode else "",
+                 ", CUDA graphs per batch shape" if cuda_graphs else "")
 
     def _decide_kernels(self, use_kernels: bool | None) -> bool:
         if self.device.type != "cuda":
@@ -296,27 +310,28 @@ class TorchCudaRunner:
 
     def _autocast(self):
         dtype, enabled = self.amp_dtype or torch.float32, self.amp_dtype is not None
-        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+        # Autocast's cache of cast weights would be freed under a captured graph: off with graphs.
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled, cache_enabled=not self.cuda_graphs)
 
     @torch.inference_mode()
     def _run(self, images: list[torch.Tensor], shaped: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One chunk of B images; the networks see `shaped` >= B rows (zero images appended)."""
-        m, size = self.model, self.cfg.input_size
+        size = self.cfg.input_size
         b = len(images)
         sizes = image_sizes(images)  # (B, 2) int64 on the CPU
         with stage("global", self.device):
             on_device = upload(images, self.device)  # (3, H, W) views
             views = pad_batch(self._global_views(on_device, size), shaped)  # (P, 3, S, S) float32 in [0, 1]
             with self._autocast():
-                fmap, g = m.global_branch(views)  # (P, C, 7, 7), (P, D)
+                fmap, g = self._global_net(views)  # (P, C, 7, 7), (P, D)
             fmap = fmap[:b]
         with stage("psm", self.device):
             boxes = self._select(fmap, sizes)  # (B, K, 4) on the device
         with stage("crop_resize", self.device):
-            patches, normalised = self._patches(on_device, boxes)  # (B, K, 3, S, S)
+            patches = self._patches(on_device, boxes)  # (B, K, 3, S, S), normalised when fuse_normalise
         with stage("local", self.device):
             with self._autocast():
-                logits = self._local(pad_batch(patches, shaped), g, normalised)[:b]
+                logits = self._local_net(pad_batch(patches, shaped), g)[:b]
         return logits.float().reshape(-1), boxes.long(), fmap
 
     def _global_views(self, images: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -336,8 +351,8 @@ class TorchCudaRunner:
             return kernels.psm_boxes(fmap, sizes, cfg.windows, cfg.patch_sizes, cfg.picks_per_window)
         return self.model.selector(fmap.float(), sizes).to(self.device)
 
-    def _patches(self, images: list[torch.Tensor], boxes: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Patches and whether they are already normalised for the local trunk."""
+    def _patches(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """The patches; with fuse_normalise already normalised for the local trunk."""
         size, backbone = self.cfg.input_size, self.model.local_backbone
         if self.use_kernels:
             from scanner import kernels
@@ -345,18 +360,18 @@ class TorchCudaRunner:
             dtype = self.amp_dtype or torch.float32
             mean, std = self._mean_std if self.fuse_normalise else (None, None)
             hwc = [img.permute(1, 2, 0) for img in images]  # views: the kernel reads any strides
-            return kernels.crop_resize_ragged(hwc, boxes, size, dtype, mean, std), self.fuse_normalise
+            return kernels.crop_resize_ragged(hwc, boxes, size, dtype, mean, std)
         from scanner.model.crop_resize import crop_resize
 
         patches = crop_resize(images, boxes.to(self.device), size).div_(255)
         if self.fuse_normalise:
             patches = (patches - backbone.mean) / backbone.std  # (1, 3, 1, 1) broadcasts over (B, K, 3, S, S)
-        return patches, self.fuse_normalise
+        return patches
 
-    def _local(self, patches: torch.Tensor, g: torch.Tensor, normalised: bool) -> torch.Tensor:
-        """Detector.local_fusion, with the trunk called directly when the patches are normalised."""
+    def _local_branch(self, patches: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Detector.local_fusion, with the trunk called directly when the patches come normalised."""
         m = self.model
-        if not normalised:
+        if not self.fuse_normalise:
             return m.local_fusion(patches, g)[0]
         b, k = patches.shape[:2]
         x = patches.flatten(0, 1)  # (B*K, 3, S, S)
@@ -367,8 +382,8 @@ class TorchCudaRunner:
 
 
 def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | None = None,
-                    compile_mode: str | None = None, max_batch: int = 256,
-                    min_shape: int = 32) -> tuple[TorchCudaRunner, ModelInfo]:
+                    compile_mode: str | None = None, max_batch: int = 256, min_shape: int = 32,
+                    cuda_graphs: bool = False) -> tuple[TorchCudaRunner, ModelInfo]:
     """The torch CUDA backend for the weights at `model_path` (None: the shipped default model)."""
     from scanner.model.weights import load_detector
 
@@ -378,5 +393,5 @@ def load_torch_cuda(model_path, *, precision: str = "fp16", use_kernels: bool | 
     device = torch.device("cuda", torch.cuda.current_device())
     model, info = load_detector(model_path, device=device)
     runner = TorchCudaRunner(model, device, precision=precision, use_kernels=use_kernels, compile_mode=compile_mode,
-                             max_batch=max_batch, min_shape=min_shape)
+                             max_batch=max_batch, min_shape=min_shape, cuda_graphs=cuda_graphs)
     return runner.eval(), info
