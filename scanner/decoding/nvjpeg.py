@@ -7,6 +7,12 @@ RGB or grey, no EXIF rotation, within the pixel budget). A file nvJPEG refuses, 
 size than its header gives, is decoded by the CPU decoder, whose error record it gets if that refuses
 it too. Every image of the batch ends on the model's GPU, so the runner uploads nothing.
 
+What torchvision does with a batch (its decode_jpegs_cuda, read for torchvision 0.2x): baseline JPEGs are
+decoded together by nvJPEG's hardware backend on GPUs that have one (A100, H100, H200), falling back to
+its default backend elsewhere; progressive JPEGs one by one, with the Huffman decoding on the calling CPU
+thread (here the scan thread); one batch at a time per process (a lock). So progressive files cost the
+scan thread CPU time that a GPU scan of many of them would show as `batch_decode` busy time.
+
 nvJPEG's chroma upsampling differs from libjpeg's: on an H200 its pixels differed from the CPU
 decoder's by 2.4 on average (bench/gpu_scan_check.py), so scores differ slightly from the cpu
 loader's, as with dali. Not yet measured inside a scan on a GPU: auto never picks it.
