@@ -58,8 +58,7 @@ def resolve_loader(name: str, device=None) -> str:
     if name not in CHOICES:
         raise ScannerError(f"loader {name!r} is not one of {', '.join(CHOICES)}")
     if name == "auto":
-        on_gpu = cuda_available() if device is None else getattr(device, "type", str(device)).startswith("cuda")
-        if not on_gpu:
+        if not (cuda_available() if device is None else is_gpu(device)):
             return "cpu"
         return "dali" if dali_installed() else "nvjpeg"
     if name == "dali" and not dali_installed():
@@ -87,6 +86,11 @@ def make_loader(name: str, *, model_id: str, options=None, batch_size: int = 16,
     from scanner.decoding.dali import DaliLoader
 
     return DaliLoader(model_id, options, batch_size=batch_size, device=device, num_threads=num_threads)
+
+
+def is_gpu(device) -> bool:
+    """Whether `device` (a torch.device or its name, e.g. "cuda:0") is a CUDA GPU; None is not."""
+    return device is not None and getattr(device, "type", str(device)).startswith("cuda")
 
 
 def model_device(model):

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from scanner.decoding.loaders import CHOICES as LOADER_CHOICES
-from scanner.decoding.loaders import make_loader, model_device, resolve_loader
+from scanner.decoding.loaders import is_gpu, make_loader, model_device, resolve_loader
 from scanner.errors import ScannerError, is_transient
 from scanner.scan.idset import IdSet
 from scanner.scan.inference import BatchRunner
@@ -107,14 +107,10 @@ class ScanSummary:
         return asdict(self)
 
 
-def _on_gpu(device) -> bool:
-    return device is not None and getattr(device, "type", str(device)).startswith("cuda")
-
-
 def default_batch_size(device=None) -> int:
     """Images per batch where none is given: 16 on the CPU; 256 on a GPU, the torch CUDA runner's largest
     fixed shape (the GPU scans of docs/benchmarks.md ran at 128-256: 490-660 images/s on an H100)."""
-    return 256 if _on_gpu(device) else 16
+    return 256 if is_gpu(device) else 16
 
 
 def default_workers(device=None) -> int:
@@ -125,7 +121,7 @@ def default_workers(device=None) -> int:
     runs of docs/benchmarks.md used 12 of 16). More threads help when reads wait on the network
     (pass --workers)."""
     cores = os.cpu_count() or 1
-    if _on_gpu(device):
+    if is_gpu(device):
         return max(4, min(12, cores - 2))
     return 2 if cores <= 4 else 4
 
