@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the runner with CUDA graphs (end_to_end_graphs rows), same images")
     parser.add_argument("--out", default="kernels_bench.json")
     args = parser.parse_args(argv)
+    if args.cuda_graphs and args.compile_mode:  # the graphed runner would share the compiled model
+        parser.error("--cuda-graphs and --compile-mode exclude each other (reduce-overhead makes graphs of its own)")
 
     if not torch.cuda.is_available():
         print("kernels_bench: needs a CUDA GPU, and torch.cuda.is_available() is False here; run it on a GPU machine",
