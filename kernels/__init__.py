@@ -157,6 +157,17 @@ def _require_cuda(t: torch.Tensor, what: str) -> None:
                          f"On the CPU use the references scanner.model.psm / scanner.model.crop_resize")
 
 
+def _device_table(images: Sequence[torch.Tensor]) -> tuple[torch.device, torch.Tensor]:
+    """The one GPU that all images are on, and their image_table there (built on the host, pinned so that
+    the copy is asynchronous)."""
+    device = images[0].device
+    for i, img in enumerate(images):
+        _require_cuda(img, f"image {i}")
+        if img.device != device:
+            raise ValueError(f"all images must be on one GPU; image {i} is on {img.device}, image 0 on {device}")
+    return device, image_table(images).pin_memory().to(device, non_blocking=True)
+
+
 # -- driver: modules per device, context, launch -----------------------------------------------------
 
 _lock = threading.Lock()
@@ -307,13 +318,7 @@ def crop_resize_ragged(
     norm = crop_norm(mean, std)
     if batch == 0:
         return torch.empty(0, boxes.shape[1], 3, out_size, out_size, dtype=dtype)
-    device = images[0].device
-    for i, img in enumerate(images):
-        _require_cuda(img, f"image {i}")
-        if img.device != device:
-            raise ValueError(f"all images must be on one GPU; image {i} is on {img.device}, image 0 on {device}")
-    table = image_table(images)  # (B, 6) on the host; pinned so the copy is asynchronous
-    table = table.pin_memory().to(device, non_blocking=True)
+    device, table = _device_table(images)
     boxes = boxes.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
     k, s = boxes.shape[1], int(out_size)
     out = torch.empty(batch, k, 3, s, s, dtype=dtype, device=device)
@@ -340,12 +345,7 @@ def global_views_ragged(images: Sequence[torch.Tensor], out_size: int = 224) -> 
     s = int(out_size)
     if batch == 0:
         return torch.empty(0, 3, s, s)
-    device = images[0].device
-    for i, img in enumerate(images):
-        _require_cuda(img, f"image {i}")
-        if img.device != device:
-            raise ValueError(f"all images must be on one GPU; image {i} is on {img.device}, image 0 on {device}")
-    table = image_table(images).pin_memory().to(device, non_blocking=True)
+    device, table = _device_table(images)
     out = torch.empty(batch, 3, s, s, dtype=torch.float32, device=device)
     args = [ctypes.c_void_p(table.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(s)]
     _launch(device, "crop_resize", "global_view_f32", (-(-s * s // CROP_THREADS), 1, batch), CROP_THREADS, 0, args)
