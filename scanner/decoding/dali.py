@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from scanner.decoding.decode import DecodeError, decode
+from scanner.decoding.loaders import upload_to_target
 from scanner.decoding.routing import route
 from scanner.errors import ItemError
 from scanner.model.preprocess import global_views
@@ -325,10 +326,7 @@ class DaliLoader:
                 decode_into(p, data, self.model_id, self.options)
             else:
                 p.image = got[0]
-        target = self.decoder.target
-        for p in batch:
-            if p.image is not None and p.image.device != target:
-                p.image = p.image.to(target)  # one device for the batch: runners upload mixed lists via the host
+        upload_to_target(batch, self.decoder.target)  # one device for the batch
         return [p for p in batch if p.image is not None]
 
 

@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+from scanner.decoding.loaders import upload_to_target
 from scanner.decoding.routing import route
 from scanner.stages import stage
 
@@ -88,18 +89,8 @@ class NvjpegLoader:
             log.debug("nvJPEG could not decode %s (%s); the CPU decoder decides", p.item.id,
                       got if isinstance(got, Exception) else f"shape {tuple(got.shape)}")
             decode_into(p, data, self.model_id, self.options)
-        self._upload([p for p in batch if p.image is not None and p.image.device != self.target])
+        upload_to_target(batch, self.target)
         return [p for p in batch if p.image is not None]
-
-    def _upload(self, prepared: list) -> None:
-        """The CPU decoder's images (files the routing or nvJPEG left to it) to the target in one pinned
-        staging copy, asynchronous on the loader's stream, instead of one synchronous copy per image."""
-        if not prepared:
-            return
-        from scanner.backends.torch_cuda import upload
-
-        for p, image in zip(prepared, upload([p.image for p in prepared], self.target)):
-            p.image = image
 
     def _on_own_stream(self):
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
