@@ -54,7 +54,7 @@ class PillowRoutedLoader(NvjpegLoader):
     """The nvjpeg loader with the reference header check (Pillow's parse) instead of the marker walk."""
 
     def route(self, data: bytes, options):
-        return route_pillow(data, options.max_pixels, options.downscale_large)
+        return route_pillow(data, options.max_pixels, options.downscale_large, progressive=False)
 
 
 def run_once(list_file: Path, out: Path, loader: str, workers: int, batch: int, size, router: str = "fast") -> dict:

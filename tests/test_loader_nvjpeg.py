@@ -69,6 +69,16 @@ def test_routes_plain_jpegs_to_the_batch_and_the_rest_to_the_workers():
     assert batch[2].encoded is None and batch[2].image.shape == (3, 30, 20)  # EXIF rotation: the CPU decoder
 
 
+def test_progressive_jpegs_are_decoded_on_the_workers():
+    """torchvision's nvJPEG batch decodes progressive files one at a time on the scan thread: the loader
+    leaves them to the decode workers, which decode them in parallel."""
+    loader = NvjpegLoader("m", device="cpu", decode=_stand_in(set(), set())[0])
+    batch = _prepared(loader, {"base.jpg": _jpeg(40, 30, 0), "prog.jpg": _jpeg(40, 30, 1, progressive=True)})
+    assert batch[0].encoded is not None and batch[0].image is None
+    assert batch[1].encoded is None and batch[1].image.shape == (3, 30, 40)
+    assert [p.item.id for p in loader.load(batch)] == ["base.jpg", "prog.jpg"]
+
+
 def _exif_rotated():
     exif = Image.Exif()
     exif[0x0112] = 6

@@ -23,9 +23,9 @@ BUDGET = DEFAULT_MAX_PIXELS
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def outcome(fn, data: bytes, max_pixels: int = BUDGET, downscale: bool = False):
+def outcome(fn, data: bytes, max_pixels: int = BUDGET, downscale: bool = False, progressive: bool = True):
     try:
-        return "routed", fn(data, max_pixels, downscale)
+        return "routed", fn(data, max_pixels, downscale, progressive)
     except DecodeError as exc:
         return "refused", exc.kind, str(exc)
     except ValueError as exc:
@@ -37,7 +37,10 @@ def fast_answers(data: bytes, max_pixels: int = BUDGET) -> bool:
 
 
 def assert_same(data: bytes, max_pixels: int = BUDGET, downscale: bool = False) -> None:
-    assert outcome(route, data, max_pixels, downscale) == outcome(route_pillow, data, max_pixels, downscale)
+    """Same answer with progressive JPEGs routed (DALI) and left to the CPU decoder (nvjpeg)."""
+    for progressive in (True, False):
+        assert (outcome(route, data, max_pixels, downscale, progressive)
+                == outcome(route_pillow, data, max_pixels, downscale, progressive)), progressive
 
 
 # -- building JPEGs --------------------------------------------------------------------------------------
@@ -138,6 +141,18 @@ def test_the_fast_path_answers_alone_for_plain_jpegs(kind, monkeypatch):
     assert route(data, BUDGET) == expected
 
 
+def test_progressive_jpegs_can_be_left_to_the_cpu_decoder(monkeypatch):
+    """progressive=False (the nvjpeg loader) leaves SOF2 files to the CPU decoder, decided by the walk alone;
+    the other plain kinds are routed as before."""
+    monkeypatch.setattr(routing, "route_pillow", lambda *a: pytest.fail("asked Pillow"))
+    assert route(KINDS["progressive"](), BUDGET) == (64, 48)
+    assert route(KINDS["progressive"](), BUDGET, progressive=False) is None
+    assert walk_header(KINDS["progressive"]()).progressive and not walk_header(KINDS["baseline"]()).progressive
+    for kind in PLAIN:
+        if kind != "progressive":
+            assert route(KINDS[kind](), BUDGET, progressive=False) == route(KINDS[kind](), BUDGET), kind
+
+
 def test_rotated_and_unusual_files_stay_on_the_cpu_decoder():
     for kind in [f"exif orientation {o}" for o in range(2, 9)] + ["xmp orientation", "mpo", "cmyk", "png",
                                                                    "truncated", "no EOI"]:
@@ -147,7 +162,9 @@ def test_rotated_and_unusual_files_stay_on_the_cpu_decoder():
 def test_the_corpus_routes_as_the_reference_does():
     for rel, (make, _) in FILES.items():
         data = make()
-        assert outcome(route, data) == outcome(route_pillow, data), rel
+        for progressive in (True, False):
+            assert outcome(route, data, progressive=progressive) == outcome(route_pillow, data,
+                                                                            progressive=progressive), rel
 
 
 def test_pillows_own_size_guard_stays_pillows(monkeypatch):

@@ -100,6 +100,15 @@ def upload(images: Sequence[torch.Tensor], device: torch.device) -> list[torch.T
     return device_views(flat.to(device, non_blocking=pin), specs)
 
 
+def upload_prepared(prepared: list, device: torch.device) -> None:
+    """Put the images of a batch (scanner.scan.prepare.Prepared) on `device` in place: those elsewhere (a
+    GPU loader's CPU-decoded ones: files its routing or decoder left to the CPU decoder) in one `upload`,
+    rather than one synchronous copy per image."""
+    away = [p for p in prepared if p.image is not None and p.image.device != device]
+    for p, image in zip(away, upload([p.image for p in away], device) if away else []):
+        p.image = image
+
+
 # -- GPU JPEG decode (when DALI is absent) ---------------------------------------------------------------
 
 

@@ -53,7 +53,6 @@ import numpy as np
 import torch
 
 from scanner.decoding.decode import DecodeError, decode
-from scanner.decoding.loaders import upload_to_target
 from scanner.decoding.routing import route
 from scanner.errors import ItemError
 from scanner.model.preprocess import global_views
@@ -314,6 +313,7 @@ class DaliLoader:
         """Decode the batch's routed JPEGs (Prepared.encoded) with DALI, in place; files DALI refuses
         are decoded by the CPU decoder (scanner.scan.prepare.decode_into), whose error record they get if it
         refuses them too. Returns the Prepared that have an image, in order."""
+        from scanner.backends.torch_cuda import upload_prepared
         from scanner.scan.prepare import decode_into
 
         todo = [p for p in batch if p.encoded is not None]
@@ -326,7 +326,7 @@ class DaliLoader:
                 decode_into(p, data, self.model_id, self.options)
             else:
                 p.image = got[0]
-        upload_to_target(batch, self.decoder.target)  # one device for the batch
+        upload_prepared(batch, self.decoder.target)  # one device for the batch
         return [p for p in batch if p.image is not None]
 
 

@@ -93,19 +93,6 @@ def is_gpu(device) -> bool:
     return device is not None and getattr(device, "type", str(device)).startswith("cuda")
 
 
-def upload_to_target(prepared: list, target) -> None:
-    """Put every image of a batch (scanner.scan.prepare.Prepared) on `target`: those elsewhere (the CPU
-    decoder's, for files the routing or the GPU decoder left to it) go in one pinned staging copy,
-    asynchronous on the current stream, rather than one synchronous copy per image."""
-    away = [p for p in prepared if p.image is not None and p.image.device != target]
-    if not away:
-        return
-    from scanner.backends.torch_cuda import upload
-
-    for p, image in zip(away, upload([p.image for p in away], target)):
-        p.image = image
-
-
 def model_device(model):
     """The torch.device a runner computes on: its `device` attribute (torch CUDA and TensorRT
     runners), else its first parameter's (a Detector), else the CPU (e.g. ONNX Runtime)."""

@@ -2,16 +2,20 @@
 (`torchvision.io.decode_jpeg(device="cuda")`), everything else by the CPU decoder. For CUDA machines
 without DALI (`--loader nvjpeg`, and what `auto` picks there for a model on the GPU).
 
-Routing is the dali loader's, scanner.decoding.routing.route (a well-formed baseline or progressive JPEG,
-RGB or grey, no EXIF rotation, within the pixel budget). A file nvJPEG refuses, or decodes to another
-size than its header gives, is decoded by the CPU decoder, whose error record it gets if that refuses
-it too. Every image of the batch ends on the model's GPU, so the runner uploads nothing.
+Routing is the dali loader's, scanner.decoding.routing.route, less progressive JPEGs: a well-formed
+baseline JPEG, RGB or grey, no EXIF rotation, within the pixel budget. A file nvJPEG refuses, or decodes
+to another size than its header gives, is decoded by the CPU decoder, whose error record it gets if that
+refuses it too. Every image of the batch ends on the model's GPU, so the runner uploads nothing.
 
 What torchvision does with a batch (its decode_jpegs_cuda, read for torchvision 0.2x): baseline JPEGs are
 decoded together by nvJPEG's hardware backend on GPUs that have one (A100, H100, H200), falling back to
 its default backend elsewhere; progressive JPEGs one by one, with the Huffman decoding on the calling CPU
-thread (here the scan thread); one batch at a time per process (a lock). So progressive files cost the
-scan thread CPU time that a GPU scan of many of them would show as `batch_decode` busy time.
+thread; one batch at a time per process (a lock). Here that thread is the scan thread, which decodes
+batch n+1 while batch n is scored. A progressive 500x375 JPEG takes 2.4 ms to decode on one core of the
+build machine (baseline: 0.9 ms), most of the difference its entropy decoding, so a crawl's progressive
+files would queue there, one at a time, however many cores the machine has. The decode workers decode
+them in parallel instead (`route(..., progressive=False)`); their pixels then travel with the CPU
+decoder's other images in one staged upload.
 
 nvJPEG's chroma upsampling differs from libjpeg's: on an H200 its pixels differed from the CPU
 decoder's by 2.4 on average (bench/gpu_scan_check.py), so scores differ slightly from the cpu
@@ -26,7 +30,6 @@ import logging
 
 import torch
 
-from scanner.decoding.loaders import upload_to_target
 from scanner.decoding.routing import route
 from scanner.stages import stage
 
@@ -64,7 +67,7 @@ class NvjpegLoader:
 
     def route(self, data: bytes, options) -> tuple[int, int] | None:
         """On a decode worker: (width, height) to leave `data` for the batch, None to decode it now."""
-        return route(data, options.max_pixels, options.downscale_large)
+        return route(data, options.max_pixels, options.downscale_large, progressive=False)
 
     def load(self, batch: list) -> list:
         """Decode the batch's routed JPEGs in place; returns the Prepared that have an image, in order."""
@@ -78,6 +81,7 @@ class NvjpegLoader:
 
     def _place(self, batch: list, todo: list, results: list) -> list:
         """Each routed file's image, or the CPU decoder's verdict; every image moved to the target."""
+        from scanner.backends.torch_cuda import upload_prepared
         from scanner.scan.prepare import decode_into
 
         for p, got in zip(todo, results):
@@ -89,7 +93,7 @@ class NvjpegLoader:
             log.debug("nvJPEG could not decode %s (%s); the CPU decoder decides", p.item.id,
                       got if isinstance(got, Exception) else f"shape {tuple(got.shape)}")
             decode_into(p, data, self.model_id, self.options)
-        upload_to_target(batch, self.target)
+        upload_prepared(batch, self.target)
         return [p for p in batch if p.image is not None]
 
     def _on_own_stream(self):

@@ -1,13 +1,14 @@
 """Routing for the GPU loaders: which files a batch decoder (DALI, nvJPEG) may take, decided on the decode
 workers from the header alone.
 
-`route(data, max_pixels, downscale_large)` returns (width, height) when a GPU decoder may decode `data`
-and give the CPU decoder's image, None when scanner.decoding.decode must decode it, and raises the
-DecodeError that the CPU decoder raises for a header it refuses. A file is routed when it is a plain
-JPEG: Pillow's parse says JPEG (not MPO) in mode RGB or L within the pixel budget, EXIF orientation 1
-(the GPU decoders do not rotate), and `jpeg_well_formed` passes: SOF0/1/2 (Huffman baseline, extended,
+`route(data, max_pixels, downscale_large, progressive)` returns (width, height) when a GPU decoder may
+decode `data` and give the CPU decoder's image, None when scanner.decoding.decode must decode it, and
+raises the DecodeError that the CPU decoder raises for a header it refuses. A file is routed when it is a
+plain JPEG: Pillow's parse says JPEG (not MPO) in mode RGB or L within the pixel budget, EXIF orientation
+1 (the GPU decoders do not rotate), and `jpeg_well_formed` passes: SOF0/1/2 (Huffman baseline, extended,
 progressive), 8-bit, 1 or 3 components, marker segments consistent up to the first SOS, only legal
-marker codes in the entropy-coded data, an EOI after it.
+marker codes in the entropy-coded data, an EOI after it. With progressive=False, progressive JPEGs
+(SOF2) stay with the CPU decoder too (the nvjpeg loader's choice: scanner.decoding.nvjpeg says why).
 
 Two implementations of that decision (docs/design.md, "Conventions"):
 
@@ -59,12 +60,14 @@ _ASK_PILLOW = object()  # the fast path's "only Pillow can tell"
 
 @dataclass(frozen=True)
 class JpegHeader:
-    """What the marker walk found: the frame's size and components, each segment as (marker, payload
-    start, payload end), and where the entropy-coded data of the first scan starts."""
+    """What the marker walk found: the frame's size and components, whether it is progressive (SOF2), each
+    segment as (marker, payload start, payload end), and where the entropy-coded data of the first scan
+    starts."""
 
     width: int
     height: int
     components: int
+    progressive: bool
     segments: tuple[tuple[int, int, int], ...]
     scan_start: int
 
@@ -96,7 +99,7 @@ def walk_header(data: bytes) -> JpegHeader | None:
                 return None
             height = int.from_bytes(data[pos + 5 : pos + 7], "big")
             width = int.from_bytes(data[pos + 7 : pos + 9], "big")
-            frame = (width, height, components)
+            frame = (width, height, components, marker == 0xC2)
         segments.append((marker, pos + 4, pos + 2 + length))
         pos += 2 + length
         if marker == 0xDA:  # SOS: entropy-coded data follows
@@ -124,7 +127,7 @@ def jpeg_well_formed(data: bytes) -> bool:
     return header is not None and scan_legal(data, header.scan_start)
 
 
-def _route_fast(data: bytes, max_pixels: int):
+def _route_fast(data: bytes, max_pixels: int, progressive: bool = True):
     """route's answer where the marker walk can give it for certain, else _ASK_PILLOW."""
     header = walk_header(data)
     if header is None or header.width < 1 or header.height < 1 or max_pixels < 1:
@@ -151,6 +154,8 @@ def _route_fast(data: bytes, max_pixels: int):
             return _ASK_PILLOW
         if orientation != 1:
             return None
+    if header.progressive and not progressive:
+        return None
     return (header.width, header.height) if scan_legal(data, header.scan_start) else None
 
 
@@ -186,21 +191,26 @@ def _exif_orientation(payload: bytes):
     return orientation
 
 
-def route(data: bytes, max_pixels: int, downscale_large: bool = False) -> tuple[int, int] | None:
-    """(width, height) when a GPU loader may decode `data`, None when scanner.decoding.decode.decode must.
+def route(data: bytes, max_pixels: int, downscale_large: bool = False,
+          progressive: bool = True) -> tuple[int, int] | None:
+    """(width, height) when a GPU loader may decode `data`, None when scanner.decoding.decode.decode must;
+    progressive=False leaves progressive JPEGs to it too.
 
     Raises DecodeError exactly where scanner.decoding.decode.decode refuses the header (route_pillow's
     answer, which the fast path gives whenever it answers).
     """
-    answer = _route_fast(data, max_pixels)
-    return route_pillow(data, max_pixels, downscale_large) if answer is _ASK_PILLOW else answer
+    answer = _route_fast(data, max_pixels, progressive)
+    return route_pillow(data, max_pixels, downscale_large, progressive) if answer is _ASK_PILLOW else answer
 
 
-def route_pillow(data: bytes, max_pixels: int, downscale_large: bool = False) -> tuple[int, int] | None:
+def route_pillow(data: bytes, max_pixels: int, downscale_large: bool = False,
+                 progressive: bool = True) -> tuple[int, int] | None:
     """The reference: `route`'s answer from scanner.decoding.decode's header parse (Pillow)."""
     plan = _plan(data, max_pixels, downscale_large, fast_allowed=False)
     img = plan.img
     if plan.target is not None or img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    if not progressive and img.info.get("progressive"):  # Pillow's flag for a progressive frame (SOF2)
         return None
     try:
         if _orientation(img) != 1:
