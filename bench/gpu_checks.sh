@@ -2,8 +2,8 @@
 # Every GPU check in one call on a CUDA machine (docs/design.md, section 7; run from the repository root):
 #   bash bench/gpu_checks.sh                   (all steps; outputs under $OUT, or ./gpu_checks_out)
 #   STEPS="pytest bench" TESTS=tests/test_kernels.py bash bench/gpu_checks.sh   (some steps: pytest sanitizer
-#   kernels shapes scan loaders bench models ceiling candidate; TESTS narrows pytest;
-#   issue 23: STEPS="models ceiling", at most 7 min 45 s)
+#   kernels shapes scan loaders bench models ceiling candidate, and tuning and dali when named; TESTS narrows
+#   pytest; issue 23: STEPS="models ceiling", at most 7 min 45 s, and STEPS=dali after carrying DALI over)
 # pytest: pytest -m gpu.  sanitizer: compute-sanitizer memcheck + racecheck over the kernels.
 # kernels: kernels and the torch CUDA path vs references (bench/kernels_bench.py).
 # shapes: fixed batch shapes and torch.compile modes (bench/shapes_bench.py).
@@ -29,6 +29,10 @@
 #   CLIP layers $TUNE_FROM-9 (default 5-9) tuned for $EPOCHS (default 4) epochs beside the frozen baseline,
 #   on the pools unpacked under $POOLS (default /tmp/pools) from research/pack_pools.py's parts (17 calls
 #   of one part each, then this one), with SCANNER_CLIP_ONNX set as for models.
+# dali (issue 23, "DALI"; run only when named): NVIDIA DALI from the parts bench/dali_bundle.py made (carried
+#   one per call into .dali/, with its manifest), checked against the manifest's sha256 and unpacked into
+#   /tmp/dali_site; then DALI's GPU tests, and at 500x375 the scan of Lite0 with --loader dali beside
+#   --loader nvjpeg (same images, one after the other). At most 5 min.
 # candidate: the Lite0 model against an untrained detector of $CANDIDATE (a config YAML; default the
 #   block-4 trunk of issue 7), same images, one after the other: kernels_bench end to end, then scanner bench.
 set -u
@@ -102,6 +106,41 @@ if want tuning; then
   TAIL=25 step tuning 540 python3 research/clip_trunk_tuning_pilot.py --data "$P/dev" "$P/extra" "$P/photoreal" \
     --work /tmp/clip_tune --folds all --tune-from "${TUNE_FROM:-5}" --epochs "${EPOCHS:-4}" --workers 12 \
     --batch-size 64 --json "$O/clip_trunk_tuning_gpu.json"
+fi
+if want dali; then
+  m=$(ls .dali/dali-*.json 2>/dev/null | head -n 1)
+  if [ -z "$m" ]; then echo "== dali: no manifest in .dali/ (bench/dali_bundle.py)"; else
+    rm -rf /tmp/dali_site
+    if python3 - "$m" /tmp/dali.tar.xz /tmp/dali_site <<'PY' > "$O/dali_unpack.log" 2>&1; then
+import hashlib, json, sys, tarfile
+from pathlib import Path
+manifest = json.loads(Path(sys.argv[1]).read_text())
+python = f"{sys.version_info.major}.{sys.version_info.minor}"
+assert python == manifest["python"], f"the bundle is for Python {manifest['python']}, this is {python}"
+digest = hashlib.sha256()
+with open(sys.argv[2], "wb") as whole:
+    for part in manifest["parts"]:
+        data = (Path(sys.argv[1]).parent / part["name"]).read_bytes()  # a missing part raises: named in the log
+        assert hashlib.sha256(data).hexdigest() == part["sha256"], part["name"] + ": sha256 differs"
+        whole.write(data)
+        digest.update(data)
+assert digest.hexdigest() == manifest["sha256"], "the joined bundle's sha256 differs"
+with tarfile.open(sys.argv[2]) as tar:
+    tar.extractall(sys.argv[3], filter="data")
+print("parts joined and unpacked:", len(manifest["parts"]), manifest["bytes"], "bytes")
+PY
+      export PYTHONPATH=$PWD:/tmp/dali_site
+      TAIL=3 step dali_import 60 python3 -c "import torch, nvidia.dali as d; print('DALI', d.__version__)"
+      TAIL=8 step pytest_dali 100 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_dali.py
+      [ -d /tmp/img_500 ] || python3 -c "from pathlib import Path; from scanner.bench.inputs import generate_images as g
+g(Path('/tmp/img_500'), 1024, [(500, 375)], 0)"
+      for loader in nvjpeg dali; do
+        TAIL=14 step "dali_scan_$loader" 55 python3 cli.py bench /tmp/img_500 --limit 1024 --batch-size 256 \
+          --backend torch --loader $loader --workers 12 --model lite0 --no-naive --json "$O/dali_scan_$loader.json"
+      done
+      export PYTHONPATH=$PWD
+    else echo "== dali: the parts do not join"; tail -n 3 "$O/dali_unpack.log"; fi
+  fi
 fi
 if want candidate; then
   CANDIDATE=${CANDIDATE:-configs/experiments/mid_b4_e512.yaml}

@@ -1,0 +1,233 @@
+"""NVIDIA DALI for a lent GPU machine, in parts small enough to carry (issue 23, "DALI").
+
+The GPU machines have no package index, and a device call carries 64 MiB with the working tree, of
+which the tree takes about 51 MB (the shipped weights). DALI's wheels are 224 MB (DALI 199, nvImageCodec
+25), about 500 MB installed, so this builds a bundle for one Python and one GPU architecture:
+
+    python bench/dali_bundle.py                  (Python 3.12, Hopper sm_90: the H100 and H200 machines)
+
+1. downloads the wheels (pinned below; pip's registry, reachable from the build machine only);
+2. installs them into a folder (`pip install --target`, for the target Python and platform);
+3. slims it: drops the extension modules of other Pythons, C headers and tools; strips the shared
+   libraries' symbol tables (`strip --strip-unneeded`: .symtab and .strtab, not the dynamic symbols);
+   and in every CUDA fat binary that holds machine code for the target architecture, zeroes the other
+   architectures' code and PTX (headers kept, so the file's layout does not change; the CUDA runtime
+   loads only the entry that matches the GPU). That is what makes the bundle small: about 100 MB of
+   code for six architectures barely compresses;
+4. packs it as tar.xz and splits it into parts under --out (default .dali/, ignored by git), with a
+   manifest (sha256 of the whole and of each part). A part is what a call can carry beside the working
+   tree: 64 MiB less the tree (git's tracked and untracked files) less 1 MiB, in whole MiB, unless
+   --part-mib says.
+
+About 56 MB, in 4 parts of 14 MiB (the tree takes about 49 MiB), for Python 3.12 and sm_90. On the GPU machine, back to back while it stays warm:
+one call per part, `carry: [".dali/dali-<tag>.tar.xz.part-NN"]` (earlier parts stay there: ignored files
+survive between calls), and with the last part `STEPS=dali bash bench/gpu_checks.sh`, which checks the
+sha256, unpacks into /tmp/dali_site and runs DALI's GPU tests and the scan with --loader dali beside
+--loader nvjpeg. A bundle built with `--python 3.11 --arch 90` runs here on the CPU (DALI's CPU mode) for
+a check of the bundle itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+# DALI's requirements that the GPU machines' image lacks (it has numpy, packaging, pyyaml and
+# typing-extensions; six too, bundled anyway for the check of a bundle here in a bare venv), at the
+# versions the build machine's tests run. nvJPEG from CUDA 13.0, the CUDA of the machines' torch; nvcomp,
+# nvJPEG2000 and nvTIFF are left out (DALI loads them on demand, for other formats).
+PACKAGES = ["nvidia-dali-cuda130==2.4.0", "nvidia-nvimgcodec-cu13==0.9.0.20", "nvidia-nvjpeg==13.0.4.44",
+            "astunparse==1.6.3", "gast==0.7.0", "optree==0.20.0", "nvtx==0.2.17", "makefun==1.16.0",
+            "libcst==1.9.0", "six==1.17.0"]
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+DROPPED = ["bin", "nvidia/dali/include", "nvidia/nvimgcodec/include", "nvidia/cu13/include", "nvidia/nvimgcodec/tools",
+           # the JPEG 2000 and TIFF codecs, whose libraries are not bundled (each logs an error when loaded)
+           "nvidia/nvimgcodec/extensions/libnvjpeg2k_ext.so.0", "nvidia/nvimgcodec/extensions/libnvtiff_ext.so.0"]
+
+FATBIN_MAGIC = 0xBA55ED50
+FATBIN_SECTIONS = (".nv_fatbin", "__nv_relfatbin")
+ELF_ENTRY = 2  # fat binary entry kinds: 1 PTX, 2 machine code (ELF)
+
+
+# -- CUDA fat binaries ------------------------------------------------------------------------------------
+
+
+def elf_sections(data: bytes) -> dict[str, tuple[int, int]]:
+    """{section name: (file offset, size)} of a 64-bit little-endian ELF file."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_at = headers[shstrndx][4]
+    sections = {}
+    for name_offset, _type, _flags, _addr, offset, size in headers:
+        start = names_at + name_offset
+        sections[bytes(data[start : data.index(b"\0", start)]).decode()] = (offset, size)
+    return sections
+
+
+def fatbin_entries(data: bytes, start: int, end: int):
+    """Each fat binary in data[start:end] as a list of (kind, arch, payload offset, payload size).
+    Between fat binaries there may be zero padding; anything else is an error."""
+    pos = start
+    while pos + 16 <= end:
+        magic, _version, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
+        if magic != FATBIN_MAGIC:
+            if any(data[pos : pos + 8]):
+                raise ValueError(f"no fat binary header at offset {pos:#x}")
+            pos += 8
+            continue
+        entry, blob_end, entries = pos + header_size, pos + header_size + fat_size, []
+        if blob_end > end:
+            raise ValueError(f"fat binary at {pos:#x} runs past its section")
+        while entry < blob_end:
+            kind, _version, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            if entry_header < 32 or entry + entry_header + payload > blob_end:
+                raise ValueError(f"fat binary at {pos:#x}: its entry at {entry:#x} does not fit in it")
+            arch, = struct.unpack_from("<I", data, entry + 28)
+            entries.append((kind, arch, entry + entry_header, payload))
+            entry += entry_header + payload
+        yield entries
+        pos = blob_end
+
+
+def keep_arch_in(data: bytearray, start: int, end: int, arch: int) -> int:
+    """Zero, in place, every entry other than sm_<arch> machine code in each fat binary of data[start:end]
+    that has such code; fat binaries without it stay whole. Returns the bytes zeroed."""
+    zeroed = 0
+    for entries in list(fatbin_entries(data, start, end)):
+        if not any(kind == ELF_ENTRY and a == arch for kind, a, _, _ in entries):
+            continue
+        for kind, a, at, n in entries:
+            if not (kind == ELF_ENTRY and a == arch):
+                data[at : at + n] = bytes(n)
+                zeroed += n
+    return zeroed
+
+
+def keep_one_arch(data: bytearray, arch: int) -> int:
+    """keep_arch_in over the fat binary sections of an ELF file (a shared library)."""
+    sections = elf_sections(data)
+    return sum(keep_arch_in(data, sections[name][0], sum(sections[name]), arch)
+               for name in FATBIN_SECTIONS if name in sections)
+
+
+# -- the bundle -------------------------------------------------------------------------------------------
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+
+
+def target_flags(python: str) -> list[str]:
+    flags = ["--python-version", python, "--implementation", "cp", "--only-binary=:all:"]
+    for platform in PLATFORMS:
+        flags += ["--platform", platform]
+    return flags
+
+
+def slim(stage: Path, python: str, arch: int) -> dict:
+    tag = "cpython-" + python.replace(".", "") + "-"
+    dropped = 0
+    for path in list(stage.rglob("*.cpython-3*")):
+        if tag not in path.name:
+            dropped += path.stat().st_size
+            path.unlink()
+    for rel in DROPPED:
+        for path in stage.glob(rel + "*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for cache in list(stage.rglob("__pycache__")):
+        shutil.rmtree(cache)
+    libraries = [p for p in stage.rglob("*.so*") if p.is_file() and not p.is_symlink()]
+    strip = shutil.which("strip")
+    for lib in libraries:
+        if strip:
+            subprocess.run([strip, "--strip-unneeded", str(lib)], check=True)
+    zeroed = 0
+    for lib in libraries:
+        data = bytearray(lib.read_bytes())
+        if data[:4] != b"\x7fELF":
+            continue
+        n = keep_one_arch(data, arch)
+        if n:
+            lib.write_bytes(data)
+            zeroed += n
+    return {"other_pythons_bytes": dropped, "stripped": bool(strip), "fatbin_bytes_zeroed": zeroed}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+CARRY_LIMIT = 64 << 20  # what a device call carries: the working tree and the carried paths together
+
+
+def carry_room_mib(repo: Path) -> int:
+    """Whole MiB a device call can carry beside the repository's working tree, less 1 MiB of margin."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            check=True, capture_output=True).stdout.split(b"\0")
+    tree = sum((repo / name.decode()).stat().st_size for name in listed if name and (repo / name.decode()).is_file())
+    room = (CARRY_LIMIT - tree) // (1 << 20) - 1
+    if room < 1:
+        raise SystemExit(f"the working tree takes {tree / 2**20:.1f} MiB of the 64 a device call carries: "
+                         "no room for a part")
+    return room
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", default="3.12", help="the GPU machine's Python (default 3.12)")
+    parser.add_argument("--arch", type=int, default=90, help="GPU architecture kept, e.g. 90 (default: Hopper)")
+    parser.add_argument("--out", default=".dali", help="folder for the parts and manifest (default .dali/)")
+    parser.add_argument("--work", default="/tmp/dali_bundle", help="download and staging folder")
+    parser.add_argument("--part-mib", type=int, help="part size in MiB (default: what a device call can carry "
+                        "beside the working tree)")
+    args = parser.parse_args()
+
+    work, out = Path(args.work), Path(args.out)
+    wheels, stage = work / "wheels", work / f"stage-{args.python}"
+    pip("download", "-q", "--no-deps", *target_flags(args.python), "-d", str(wheels), *PACKAGES)
+    names = [p.split("==")[0].replace("-", "_") for p in PACKAGES]
+    chosen = [str(w) for w in sorted(wheels.glob("*.whl")) if any(w.name.lower().startswith(n + "-") for n in names)]
+    shutil.rmtree(stage, ignore_errors=True)
+    pip("install", "-q", "--no-deps", "--no-index", "--no-compile", "--target", str(stage),
+        *target_flags(args.python), *chosen)
+    report = slim(stage, args.python, args.arch)
+
+    tag = f"py{args.python.replace('.', '')}-sm{args.arch}"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"dali-{tag}.tar.xz*"):
+        old.unlink()
+    bundle = work / f"dali-{tag}.tar.xz"
+    with tarfile.open(bundle, "w:xz", preset=9) as tar:
+        for path in sorted(stage.iterdir()):
+            tar.add(path, arcname=path.name)
+    part_mib = args.part_mib or carry_room_mib(Path(__file__).resolve().parents[1])
+    part_size, parts = part_mib << 20, []
+    with open(bundle, "rb") as f:
+        for i, block in enumerate(iter(lambda: f.read(part_size), b"")):
+            part = out / f"{bundle.name}.part-{i:02d}"
+            part.write_bytes(block)
+            parts.append({"name": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+    manifest = {"bundle": bundle.name, "bytes": bundle.stat().st_size, "sha256": sha256(bundle),
+                "python": args.python, "arch": args.arch, "packages": PACKAGES, "parts": parts, **report}
+    (out / f"dali-{tag}.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in manifest.items() if k != "packages"}, indent=1))
+    print(f"carry each of {out}/{bundle.name}.part-NN in its own device call ({len(parts)} calls), with "
+          f"{out}/dali-{tag}.json in the first; then STEPS=dali bash bench/gpu_checks.sh")
+
+
+if __name__ == "__main__":
+    main()
