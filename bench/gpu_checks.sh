@@ -32,7 +32,7 @@
 # dali (issue 23, "DALI"; run only when named): NVIDIA DALI from the parts bench/dali_bundle.py made (carried
 #   one per call into .dali/, with its manifest), checked against the manifest's sha256 and unpacked into
 #   /tmp/dali_site; then DALI's GPU tests, and at 500x375 the scan of Lite0 with --loader dali beside
-#   --loader nvjpeg (same images, one after the other). At most 5 min.
+#   --loader nvjpeg (same images, one after the other). At most 3 min 30 s with the unpacking.
 # candidate: the Lite0 model against an untrained detector of $CANDIDATE (a config YAML; default the
 #   block-4 trunk of issue 7), same images, one after the other: kernels_bench end to end, then scanner bench.
 set -u
@@ -130,12 +130,12 @@ with tarfile.open(sys.argv[2]) as tar:
 print("parts joined and unpacked:", len(manifest["parts"]), manifest["bytes"], "bytes")
 PY
       export PYTHONPATH=$PWD:/tmp/dali_site
-      TAIL=3 step dali_import 60 python3 -c "import torch, nvidia.dali as d; print('DALI', d.__version__)"
-      TAIL=8 step pytest_dali 100 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_dali.py
+      TAIL=3 step dali_import 30 python3 -c "import torch, nvidia.dali as d; print('DALI', d.__version__)"
+      TAIL=8 step pytest_dali 75 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_dali.py
       [ -d /tmp/img_500 ] || python3 -c "from pathlib import Path; from scanner.bench.inputs import generate_images as g
 g(Path('/tmp/img_500'), 1024, [(500, 375)], 0)"
       for loader in nvjpeg dali; do
-        TAIL=14 step "dali_scan_$loader" 55 python3 cli.py bench /tmp/img_500 --limit 1024 --batch-size 256 \
+        TAIL=14 step "dali_scan_$loader" 45 python3 cli.py bench /tmp/img_500 --limit 1024 --batch-size 256 \
           --backend torch --loader $loader --workers 12 --model lite0 --no-naive --json "$O/dali_scan_$loader.json"
       done
       export PYTHONPATH=$PWD
