@@ -1,7 +1,7 @@
 """NVIDIA DALI for a lent GPU machine, in parts small enough to carry (issue 23, "DALI").
 
 The GPU machines have no package index, and a device call carries 64 MiB with the working tree, of
-which the tree takes about 51 MB (the shipped weights). DALI's wheels are 224 MB (DALI 199, nvImageCodec
+which the tree takes about 49 MiB (the shipped weights). DALI's wheels are 224 MB (DALI 199, nvImageCodec
 25), about 500 MB installed, so this builds a bundle for one Python and one GPU architecture:
 
     python bench/dali_bundle.py                  (Python 3.12, Hopper sm_90: the H100 and H200 machines)
@@ -19,12 +19,13 @@ which the tree takes about 51 MB (the shipped weights). DALI's wheels are 224 MB
    tree: 64 MiB less the tree (git's tracked and untracked files) less 1 MiB, in whole MiB, unless
    --part-mib says.
 
-About 56 MB, in 4 parts of 14 MiB (the tree takes about 49 MiB), for Python 3.12 and sm_90. On the GPU machine, back to back while it stays warm:
-one call per part, `carry: [".dali/dali-<tag>.tar.xz.part-NN"]` (earlier parts stay there: ignored files
-survive between calls), and with the last part `STEPS=dali bash bench/gpu_checks.sh`, which checks the
-sha256, unpacks into /tmp/dali_site and runs DALI's GPU tests and the scan with --loader dali beside
---loader nvjpeg. A bundle built with `--python 3.11 --arch 90` runs here on the CPU (DALI's CPU mode) for
-a check of the bundle itself.
+For Python 3.12 and sm_90: about 56 MB, in 4 parts of 14 MiB (the tree takes about 49 MiB). On the GPU
+machine, back to back while it stays warm: one call per part, `carry: [".dali/dali-<tag>.tar.xz.part-NN"]`
+(earlier parts stay there: ignored files survive between calls; the manifest travels with the first),
+and with the last part `STEPS=dali bash bench/gpu_checks.sh`, which checks the sha256, unpacks into
+/tmp/dali_site and runs DALI's GPU tests and the scan with --loader dali beside --loader nvjpeg
+(docs/benchmarks.md says how a GPU session fits this in). A bundle built with `--python 3.11` runs here
+on the CPU (DALI's CPU mode), a check of the bundle itself.
 """
 
 from __future__ import annotations
@@ -197,10 +198,14 @@ def main() -> None:
     args = parser.parse_args()
 
     work, out = Path(args.work), Path(args.out)
-    wheels, stage = work / "wheels", work / f"stage-{args.python}"
+    wheels, stage = work / f"wheels-{args.python}", work / f"stage-{args.python}"
     pip("download", "-q", "--no-deps", *target_flags(args.python), "-d", str(wheels), *PACKAGES)
-    names = [p.split("==")[0].replace("-", "_") for p in PACKAGES]
-    chosen = [str(w) for w in sorted(wheels.glob("*.whl")) if any(w.name.lower().startswith(n + "-") for n in names)]
+    # A wheel's file name starts with its normalised name and version: exactly the pinned ones, however
+    # many other versions earlier runs left in the folder.
+    pins = [p.replace("-", "_").replace("==", "-").lower() + "-" for p in PACKAGES]
+    chosen = [str(w) for w in sorted(wheels.glob("*.whl")) if w.name.lower().startswith(tuple(pins))]
+    if len(chosen) != len(PACKAGES):
+        raise SystemExit(f"expected {len(PACKAGES)} wheels in {wheels}, found {len(chosen)}: {chosen}")
     shutil.rmtree(stage, ignore_errors=True)
     pip("install", "-q", "--no-deps", "--no-index", "--no-compile", "--target", str(stage),
         *target_flags(args.python), *chosen)
