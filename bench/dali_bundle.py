@@ -164,14 +164,6 @@ def slim(stage: Path, python: str, arch: int) -> dict:
     return {"other_pythons_bytes": dropped, "stripped": bool(strip), "fatbin_bytes_zeroed": zeroed}
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 CARRY_LIMIT = 64 << 20  # what a device call carries: the working tree and the carried paths together
 
 
@@ -196,6 +188,7 @@ def main() -> None:
     parser.add_argument("--part-mib", type=int, help="part size in MiB (default: what a device call can carry "
                         "beside the working tree)")
     args = parser.parse_args()
+    part_mib = args.part_mib or carry_room_mib(Path(__file__).resolve().parents[1])
 
     work, out = Path(args.work), Path(args.out)
     wheels, stage = work / f"wheels-{args.python}", work / f"stage-{args.python}"
@@ -219,14 +212,14 @@ def main() -> None:
     with tarfile.open(bundle, "w:xz", preset=9) as tar:
         for path in sorted(stage.iterdir()):
             tar.add(path, arcname=path.name)
-    part_mib = args.part_mib or carry_room_mib(Path(__file__).resolve().parents[1])
-    part_size, parts = part_mib << 20, []
+    part_size, parts, whole = part_mib << 20, [], hashlib.sha256()
     with open(bundle, "rb") as f:
         for i, block in enumerate(iter(lambda: f.read(part_size), b"")):
             part = out / f"{bundle.name}.part-{i:02d}"
             part.write_bytes(block)
             parts.append({"name": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
-    manifest = {"bundle": bundle.name, "bytes": bundle.stat().st_size, "sha256": sha256(bundle),
+            whole.update(block)
+    manifest = {"bundle": bundle.name, "bytes": bundle.stat().st_size, "sha256": whole.hexdigest(),
                 "python": args.python, "arch": args.arch, "packages": PACKAGES, "parts": parts, **report}
     (out / f"dali-{tag}.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps({k: v for k, v in manifest.items() if k != "packages"}, indent=1))
