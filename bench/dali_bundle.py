@@ -4,16 +4,20 @@ The GPU machines have no package index, and a device call carries 64 MiB with th
 which the tree takes about 49 MiB (the shipped weights). DALI's wheels are 224 MB (DALI 199, nvImageCodec
 25), about 500 MB installed, so this builds a bundle for one Python and one GPU architecture:
 
-    python bench/dali_bundle.py                  (Python 3.12, Hopper sm_90: the H100 and H200 machines)
+    .venv/bin/python bench/dali_bundle.py        (Python 3.12, Hopper sm_90: the H100 and H200 machines)
+
+(the project's environment: the Triton that torch brings has the cuobjdump that checks the pruning)
 
 1. downloads the wheels (pinned below; pip's registry, reachable from the build machine only);
 2. installs them into a folder (`pip install --target`, for the target Python and platform);
 3. slims it: drops the extension modules of other Pythons, C headers and tools; strips the shared
    libraries' symbol tables (`strip --strip-unneeded`: .symtab and .strtab, not the dynamic symbols);
-   and in every CUDA fat binary that holds machine code for the target architecture, zeroes the other
-   architectures' code and PTX (headers kept, so the file's layout does not change; the CUDA runtime
-   loads only the entry that matches the GPU). That is what makes the bundle small: about 100 MB of
-   code for six architectures barely compresses;
+   and rewrites every CUDA fat binary that holds machine code for the target architecture to hold only
+   that code: the fat binary a build for that architecture alone makes, in the same place (the space
+   it no longer needs is zeroed), so that no offset in the file moves. That is what makes the bundle
+   small: about 100 MB of code for six architectures barely compresses. Where NVIDIA's cuobjdump is
+   found (Triton ships one), every pruned library is checked with it: only that architecture's code
+   listed, and the same code extracted as from the library before;
 4. packs it as tar.xz and splits it into parts under --out (default .dali/, ignored by git), with a
    manifest (sha256 of the whole and of each part). A part is what a call can carry beside the working
    tree: 64 MiB less the tree (git's tracked and untracked files) less 1 MiB, in whole MiB, unless
@@ -32,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import shutil
 import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 # DALI's requirements that the GPU machines' image lacks (it has numpy, packaging, pyyaml and
@@ -76,8 +82,9 @@ def elf_sections(data: bytes) -> dict[str, tuple[int, int]]:
 
 
 def fatbin_entries(data: bytes, start: int, end: int):
-    """Each fat binary in data[start:end] as a list of (kind, arch, payload offset, payload size).
-    Between fat binaries there may be zero padding; anything else is an error."""
+    """Each fat binary in data[start:end] as (its offset, its entries), an entry being (kind, arch, entry
+    offset, payload offset, payload size). Between fat binaries there may be zero padding; anything else
+    is an error."""
     pos = start
     while pos + 16 <= end:
         magic, _version, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
@@ -94,23 +101,28 @@ def fatbin_entries(data: bytes, start: int, end: int):
             if entry_header < 32 or entry + entry_header + payload > blob_end:
                 raise ValueError(f"fat binary at {pos:#x}: its entry at {entry:#x} does not fit in it")
             arch, = struct.unpack_from("<I", data, entry + 28)
-            entries.append((kind, arch, entry + entry_header, payload))
+            entries.append((kind, arch, entry, entry + entry_header, payload))
             entry += entry_header + payload
-        yield entries
+        yield pos, entries
         pos = blob_end
 
 
 def keep_arch_in(data: bytearray, start: int, end: int, arch: int) -> int:
-    """Zero, in place, every entry other than sm_<arch> machine code in each fat binary of data[start:end]
-    that has such code; fat binaries without it stay whole. Returns the bytes zeroed."""
+    """Rewrite, in place, each fat binary in data[start:end] that has sm_<arch> machine code to hold only
+    that code: those entries moved up behind the header, whose size drops to theirs, and the rest of the
+    old extent zeroed. That is the fat binary a build for sm_<arch> alone makes, at the same offset, so
+    the pointers to it stay valid. Fat binaries without such code stay whole. Returns the bytes zeroed."""
     zeroed = 0
-    for entries in list(fatbin_entries(data, start, end)):
-        if not any(kind == ELF_ENTRY and a == arch for kind, a, _, _ in entries):
+    for blob, entries in list(fatbin_entries(data, start, end)):
+        kept = [bytes(data[at : payload + n]) for kind, a, at, payload, n in entries if (kind, a) == (ELF_ENTRY, arch)]
+        if not kept:
             continue
-        for kind, a, at, n in entries:
-            if not (kind == ELF_ENTRY and a == arch):
-                data[at : at + n] = bytes(n)
-                zeroed += n
+        header_size, = struct.unpack_from("<H", data, blob + 6)
+        old_size, = struct.unpack_from("<Q", data, blob + 8)
+        body, new = blob + header_size, b"".join(kept)
+        data[body : body + old_size] = new + bytes(old_size - len(new))
+        struct.pack_into("<Q", data, blob + 8, len(new))
+        zeroed += old_size - len(new)
     return zeroed
 
 
@@ -119,6 +131,37 @@ def keep_one_arch(data: bytearray, arch: int) -> int:
     sections = elf_sections(data)
     return sum(keep_arch_in(data, sections[name][0], sum(sections[name]), arch)
                for name in FATBIN_SECTIONS if name in sections)
+
+
+def find_cuobjdump() -> str | None:
+    """NVIDIA's cuobjdump: on the PATH, or the one Triton (a dependency of torch on Linux) ships."""
+    found = shutil.which("cuobjdump")
+    spec = None if found else importlib.util.find_spec("triton")
+    if spec is not None and spec.submodule_search_locations:
+        bundled = Path(next(iter(spec.submodule_search_locations))) / "backends" / "nvidia" / "bin" / "cuobjdump"
+        found = str(bundled) if bundled.is_file() else None
+    return found
+
+
+def cubins(cuobjdump: str, library: Path, folder: Path, arch: int) -> list[bytes]:
+    """The sm_<arch> machine code that cuobjdump extracts from `library`, in the order of its entries
+    (raises CalledProcessError where cuobjdump cannot read the file)."""
+    folder.mkdir(parents=True)
+    subprocess.run([cuobjdump, "-xelf", "all", str(library.resolve())], cwd=folder, capture_output=True, check=True)
+    files = sorted(folder.glob(f"*.sm_{arch}.cubin"), key=lambda p: int(p.name.split(".")[-3]))
+    return [p.read_bytes() for p in files]
+
+
+def same_code_for(cuobjdump: str, original: Path, pruned: Path, arch: int, work: Path) -> bool:
+    """cuobjdump reads the pruned library, finds only sm_<arch> machine code in it, and the same as in the
+    original."""
+    try:
+        listed = subprocess.run([cuobjdump, "-lelf", str(pruned)], capture_output=True, text=True, check=True).stdout
+        ours = cubins(cuobjdump, pruned, work / "pruned", arch)
+    except subprocess.CalledProcessError:  # e.g. "Uncompress failed": a fat binary it cannot read
+        return False
+    archs = {line.rsplit(".", 2)[-2] for line in listed.splitlines() if line.startswith("ELF file")}
+    return archs == {f"sm_{arch}"} and bool(ours) and ours == cubins(cuobjdump, original, work / "original", arch)
 
 
 # -- the bundle -------------------------------------------------------------------------------------------
@@ -152,16 +195,27 @@ def slim(stage: Path, python: str, arch: int) -> dict:
     for lib in libraries:
         if strip:
             subprocess.run([strip, "--strip-unneeded", str(lib)], check=True)
-    zeroed = 0
+    zeroed, checked, cuobjdump = 0, [], find_cuobjdump()
     for lib in libraries:
         data = bytearray(lib.read_bytes())
         if data[:4] != b"\x7fELF":
             continue
         n = keep_one_arch(data, arch)
-        if n:
+        if not n:
+            continue
+        zeroed += n
+        if cuobjdump:  # NVIDIA's own reading of the result, against the library as it was
+            with tempfile.TemporaryDirectory() as tmp:
+                original = Path(tmp) / lib.name
+                shutil.copyfile(lib, original)
+                lib.write_bytes(data)
+                if not same_code_for(cuobjdump, original, lib, arch, Path(tmp)):
+                    raise SystemExit(f"{lib}: cuobjdump does not find the same sm_{arch} code after pruning")
+            checked.append(lib.name)
+        else:
             lib.write_bytes(data)
-            zeroed += n
-    return {"other_pythons_bytes": dropped, "stripped": bool(strip), "fatbin_bytes_zeroed": zeroed}
+    return {"other_pythons_bytes": dropped, "stripped": bool(strip), "fatbin_bytes_zeroed": zeroed,
+            "checked_by_cuobjdump": checked}
 
 
 CARRY_LIMIT = 64 << 20  # what a device call carries: the working tree and the carried paths together

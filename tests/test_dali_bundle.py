@@ -1,5 +1,5 @@
-"""bench/dali_bundle.py's pruning of CUDA fat binaries: only the kept architecture's machine code survives,
-and nothing else in the file moves or changes."""
+"""bench/dali_bundle.py's pruning of CUDA fat binaries: each fat binary that has the kept architecture's
+machine code is rewritten to hold only that code, in place, and nothing else in the file changes."""
 
 from __future__ import annotations
 
@@ -29,9 +29,15 @@ def fatbin(*entries: bytes) -> bytes:
     return struct.pack("<IHHQ", dali_bundle.FATBIN_MAGIC, 1, 16, len(body)) + body
 
 
-def test_only_the_kept_architectures_code_survives():
-    a75, a90, ptx, a80 = b"\x75" * 40, b"\x90" * 24, b"ptx text" * 3, b"\x80" * 16
-    with_90 = fatbin(entry(ELF, 75, a75), entry(ELF, 90, a90), entry(PTX, 120, ptx))
+def shape(data, start: int, end: int) -> list:
+    """(offset, [(kind, arch, payload bytes)]) per fat binary."""
+    return [(blob, [(k, a, bytes(data[p : p + n])) for k, a, _, p, n in entries])
+            for blob, entries in dali_bundle.fatbin_entries(data, start, end)]
+
+
+def test_only_the_kept_architectures_code_survives_in_place():
+    a75, a90, a90b, ptx, a80 = b"\x75" * 40, b"\x90" * 24, b"\x9a" * 8, b"ptx text" * 3, b"\x80" * 16
+    with_90 = fatbin(entry(ELF, 75, a75), entry(ELF, 90, a90), entry(PTX, 120, ptx), entry(ELF, 90, a90b))
     without_90 = fatbin(entry(ELF, 80, a80), entry(PTX, 80, ptx))
     region = with_90 + bytes(8) + without_90  # fat binaries padded apart, as in a library
     data = bytearray(b"before" + region + b"after")
@@ -39,15 +45,14 @@ def test_only_the_kept_architectures_code_survives():
 
     zeroed = dali_bundle.keep_arch_in(data, start, end, 90)
 
-    assert zeroed == len(a75) + len(ptx)
+    assert zeroed == 2 * 64 + len(a75) + len(ptx)  # two entries, headers and payloads
     assert len(data) == 6 + len(region) + 5 and data[:6] == b"before" and data[end:] == b"after"
-    got = list(dali_bundle.fatbin_entries(data, start, end))
-    assert [[(k, a, n) for k, a, _, n in blob] for blob in got] == [
-        [(ELF, 75, len(a75)), (ELF, 90, len(a90)), (PTX, 120, len(ptx))], [(ELF, 80, len(a80)), (PTX, 80, len(ptx))]]
-    (_, _, at75, _), (_, _, at90, _), (_, _, at_ptx, _) = got[0]
-    assert data[at75 : at75 + len(a75)] == bytes(len(a75)) and data[at_ptx : at_ptx + len(ptx)] == bytes(len(ptx))
-    assert data[at90 : at90 + len(a90)] == a90
-    assert data[start + len(with_90) + 8 : end] == without_90  # no sm_90 code there: left whole
+    second = start + len(with_90) + 8
+    assert shape(data, start, end) == [(start, [(ELF, 90, a90), (ELF, 90, a90b)]),
+                                       (second, [(ELF, 80, a80), (PTX, 80, ptx)])]
+    assert data[start : start + 16 + 2 * 64 + len(a90) + len(a90b)] == fatbin(entry(ELF, 90, a90), entry(ELF, 90, a90b))
+    assert not any(data[start + len(with_90) - zeroed : second])  # the freed space is zero
+    assert data[second:end] == without_90  # no sm_90 code there: left whole
 
 
 def test_a_region_that_is_not_fat_binaries_is_refused():
@@ -61,26 +66,49 @@ def test_a_region_that_is_not_fat_binaries_is_refused():
         list(dali_bundle.fatbin_entries(bytes(broken), 0, len(broken)))
 
 
-def test_pruning_a_real_dali_library():
-    """libdali.so as installed: the sm_90 machine code byte for byte, the rest of the file unchanged
-    except the other entries' payloads, now zero."""
+def _installed_libdali() -> Path:
     spec = importlib.util.find_spec("nvidia.dali") if importlib.util.find_spec("nvidia") else None
     if spec is None:
         pytest.skip("NVIDIA DALI is not installed (pip install 'glff-scanner[dali]')")
-    original = (Path(next(iter(spec.submodule_search_locations))) / "libdali.so").read_bytes()
+    return Path(next(iter(spec.submodule_search_locations))) / "libdali.so"
+
+
+def test_pruning_a_real_dali_library():
+    """libdali.so as installed: each fat binary with sm_90 code keeps exactly that code, byte for byte, at
+    its offset; outside the fat binaries nothing changes."""
+    original = _installed_libdali().read_bytes()
     sections = dali_bundle.elf_sections(original)
-    blobs = [blob for name in dali_bundle.FATBIN_SECTIONS if name in sections
-             for blob in dali_bundle.fatbin_entries(original, sections[name][0], sum(sections[name]))]
-    assert len(blobs) > 1
+    extents = [(sections[n][0], sum(sections[n])) for n in dali_bundle.FATBIN_SECTIONS if n in sections]
+    before = [blob for start, end in extents for blob in shape(original, start, end)]
+    assert len(before) > 1
 
     data = bytearray(original)
     zeroed = dali_bundle.keep_one_arch(data, 90)
 
-    expected, cleared = bytearray(original), 0
-    for blob in blobs:
-        if any((k, a) == (ELF, 90) for k, a, _, _ in blob):
-            for k, a, at, n in blob:
-                if (k, a) != (ELF, 90):
-                    expected[at : at + n] = bytes(n)
-                    cleared += n
-    assert zeroed == cleared > 0 and data == expected
+    after = [blob for start, end in extents for blob in shape(data, start, end)]
+    kept = [(blob, [e for e in entries if e[:2] == (ELF, 90)] or entries) for blob, entries in before]
+    assert after == kept and zeroed > 0
+    gaps = [0] + [x for extent in extents for x in extent] + [len(original)]
+    assert len(data) == len(original)
+    assert all(data[s:e] == original[s:e] for s, e in zip(gaps[::2], gaps[1::2]))  # outside the fat binaries
+
+
+def test_cuobjdump_reads_the_same_code_from_the_pruned_library(tmp_path):
+    """NVIDIA's own reading of the result: cuobjdump lists only sm_90 machine code in the pruned
+    libdali.so and extracts the same cubins as from the original; one changed byte of that code and the
+    comparison fails."""
+    cuobjdump = dali_bundle.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (neither on the PATH nor shipped with Triton)")
+    original, pruned = tmp_path / "original.so", tmp_path / "libdali.so"
+    original.write_bytes(_installed_libdali().read_bytes())
+    data = bytearray(original.read_bytes())
+    dali_bundle.keep_one_arch(data, 90)
+    pruned.write_bytes(data)
+    assert dali_bundle.same_code_for(cuobjdump, original, pruned, 90, tmp_path / "first")
+
+    offset, size = dali_bundle.elf_sections(data)[".nv_fatbin"]
+    _, entries = next(dali_bundle.fatbin_entries(data, offset, offset + size))
+    data[entries[0][3] + 200] ^= 0xFF
+    pruned.write_bytes(data)
+    assert not dali_bundle.same_code_for(cuobjdump, original, pruned, 90, tmp_path / "second")
