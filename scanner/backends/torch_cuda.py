@@ -105,7 +105,7 @@ def upload_prepared(prepared: list, device: torch.device) -> None:
     GPU loader's CPU-decoded ones: files its routing or decoder left to the CPU decoder) in one `upload`,
     rather than one synchronous copy per image."""
     away = [p for p in prepared if p.image is not None and p.image.device != device]
-    for p, image in zip(away, upload([p.image for p in away], device) if away else []):
+    for p, image in zip(away, upload([p.image for p in away], device)):
         p.image = image
 
 
