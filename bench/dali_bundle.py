@@ -46,6 +46,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.carry import carry_room_bytes  # noqa: E402
+
 # DALI's requirements that the GPU machines' image lacks (it has numpy, packaging, pyyaml and
 # typing-extensions; six too, bundled anyway for the check of a bundle here in a bare venv), at the
 # versions the build machine's tests run. nvJPEG from CUDA 13.0, the CUDA of the machines' torch; nvcomp,
@@ -218,21 +222,6 @@ def slim(stage: Path, python: str, arch: int) -> dict:
             "checked_by_cuobjdump": checked}
 
 
-CARRY_LIMIT = 64 << 20  # what a device call carries: the working tree and the carried paths together
-
-
-def carry_room_mib(repo: Path) -> int:
-    """Whole MiB a device call can carry beside the repository's working tree, less 1 MiB of margin."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
-                            check=True, capture_output=True).stdout.split(b"\0")
-    tree = sum((repo / name.decode()).stat().st_size for name in listed if name and (repo / name.decode()).is_file())
-    room = (CARRY_LIMIT - tree) // (1 << 20) - 1
-    if room < 1:
-        raise SystemExit(f"the working tree takes {tree / 2**20:.1f} MiB of the 64 a device call carries: "
-                         "no room for a part")
-    return room
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (default 3.12)")
@@ -242,7 +231,7 @@ def main() -> None:
     parser.add_argument("--part-mib", type=int, help="part size in MiB (default: what a device call can carry "
                         "beside the working tree)")
     args = parser.parse_args()
-    part_mib = args.part_mib or carry_room_mib(Path(__file__).resolve().parents[1])
+    part_mib = args.part_mib or carry_room_bytes(Path(__file__).resolve().parents[1]) >> 20
 
     work, out = Path(args.work), Path(args.out)
     wheels, stage = work / f"wheels-{args.python}", work / f"stage-{args.python}"

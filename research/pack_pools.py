@@ -19,21 +19,13 @@ images are JPEGs already. The images stay out of git (runs/ is ignored).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CARRY_MIB = 64  # what one device call carries, the working tree included
-
-
-def carry_room_mib(repo: Path) -> float:
-    """MiB left in one call's carry beside the working tree that travels with it (less a 1 MiB margin)."""
-    listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            check=True, capture_output=True).stdout.split(b"\0")
-    tree = sum((repo / name.decode()).stat().st_size for name in listed if name and (repo / name.decode()).is_file())
-    return CARRY_MIB - tree / 2**20 - 1
+from bench.carry import carry_room_bytes  # noqa: E402
 
 
 def pool_files(pools: list[Path]) -> list[tuple[Path, str]]:
@@ -81,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the most one part may hold; default: what one call carries beside the working tree")
     args = parser.parse_args(argv)
     if args.max_mib is None:
-        args.max_mib = carry_room_mib(Path(__file__).resolve().parents[1])
-        if args.max_mib < 1:
-            raise SystemExit(f"the working tree leaves {args.max_mib + 1:.1f} MiB of a call's {CARRY_MIB}; "
-                             "commit or ignore less")
+        args.max_mib = carry_room_bytes(Path(__file__).resolve().parents[1]) / 2**20
     files = pool_files([Path(d) for d in args.data])
     parts = pack(files, Path(args.out), int(args.max_mib * 2**20))
     for part in parts:
