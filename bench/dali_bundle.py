@@ -26,10 +26,10 @@ which the tree takes about 49 MiB (the shipped weights). DALI's wheels are 224 M
 For Python 3.12 and sm_90: about 56 MB, in 4 parts of 14 MiB (the tree takes about 49 MiB). On the GPU
 machine, back to back while it stays warm: one call per part, `carry: [".dali/dali-<tag>.tar.xz.part-NN"]`
 (earlier parts stay there: ignored files survive between calls; the manifest travels with the first),
-and with the last part `STEPS=dali bash bench/gpu_checks.sh`, which checks the sha256, unpacks into
-/tmp/dali_site and runs DALI's GPU tests and the scan with --loader dali beside --loader nvjpeg
-(docs/benchmarks.md says how a GPU session fits this in). A bundle built with `--python 3.11` runs here
-on the CPU (DALI's CPU mode), a check of the bundle itself.
+and with the last part `STEPS=dali bash bench/gpu_checks.sh`, which checks the sha256 and unpacks into
+/tmp/dali_site (this script's `--unpack MANIFEST`), then runs DALI's GPU tests and the scan with
+--loader dali beside --loader nvjpeg (docs/benchmarks.md says how a GPU session fits this in). A bundle
+built with `--python 3.11` runs here on the CPU (DALI's CPU mode), a check of the bundle itself.
 """
 
 from __future__ import annotations
@@ -222,6 +222,52 @@ def slim(stage: Path, python: str, arch: int) -> dict:
             "checked_by_cuobjdump": checked}
 
 
+def split(bundle: Path, out: Path, part_bytes: int, **about) -> Path:
+    """Writes `bundle` as parts of `part_bytes` into `out`, with a manifest beside them (the sha256 of each
+    part and of the whole, and `about`: at least the bundle's "python"); returns the manifest's path."""
+    parts, whole = [], hashlib.sha256()
+    with open(bundle, "rb") as f:
+        for i, block in enumerate(iter(lambda: f.read(part_bytes), b"")):
+            part = out / f"{bundle.name}.part-{i:02d}"
+            part.write_bytes(block)
+            parts.append({"name": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+            whole.update(block)
+    manifest = {"bundle": bundle.name, "bytes": bundle.stat().st_size, "sha256": whole.hexdigest(), **about,
+                "parts": parts}
+    path = out / (bundle.name.removesuffix(".tar.xz") + ".json")
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def unpack(manifest_path: Path, dest: Path) -> dict:
+    """On the GPU machine: checks the parts beside `manifest_path` against it (each part's sha256, then
+    the whole's), joins them and unpacks the bundle into `dest` (emptied first). Exits naming what is
+    wrong: a bundle for another Python, a missing or damaged part."""
+    manifest = json.loads(manifest_path.read_text())
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if manifest["python"] != python:
+        raise SystemExit(f"the bundle is for Python {manifest['python']}, this is {python}")
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp:
+        joined = Path(tmp) / manifest["bundle"]
+        with open(joined, "wb") as whole:
+            for part in manifest["parts"]:
+                path = manifest_path.parent / part["name"]
+                if not path.is_file():
+                    raise SystemExit(f"{part['name']}: missing (carry each part in its own call)")
+                data = path.read_bytes()
+                if hashlib.sha256(data).hexdigest() != part["sha256"]:
+                    raise SystemExit(f"{part['name']}: sha256 differs")
+                whole.write(data)
+                digest.update(data)
+        if digest.hexdigest() != manifest["sha256"]:
+            raise SystemExit("the joined bundle's sha256 differs")
+        shutil.rmtree(dest, ignore_errors=True)
+        with tarfile.open(joined) as tar:
+            tar.extractall(dest, filter="data")
+    return manifest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (default 3.12)")
@@ -230,7 +276,14 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/dali_bundle", help="download and staging folder")
     parser.add_argument("--part-mib", type=int, help="part size in MiB (default: what a device call can carry "
                         "beside the working tree)")
+    parser.add_argument("--unpack", type=Path, metavar="MANIFEST",
+                        help="instead of building: check, join and unpack the parts beside MANIFEST into --to")
+    parser.add_argument("--to", type=Path, default=Path("/tmp/dali_site"), help="where --unpack unpacks")
     args = parser.parse_args()
+    if args.unpack:
+        manifest = unpack(args.unpack, args.to)
+        print(f"parts joined and unpacked into {args.to}: {len(manifest['parts'])} parts, {manifest['bytes']} bytes")
+        return
     part_mib = args.part_mib or carry_room_bytes(Path(__file__).resolve().parents[1]) >> 20
 
     work, out = Path(args.work), Path(args.out)
@@ -255,20 +308,12 @@ def main() -> None:
     with tarfile.open(bundle, "w:xz", preset=9) as tar:
         for path in sorted(stage.iterdir()):
             tar.add(path, arcname=path.name)
-    part_size, parts, whole = part_mib << 20, [], hashlib.sha256()
-    with open(bundle, "rb") as f:
-        for i, block in enumerate(iter(lambda: f.read(part_size), b"")):
-            part = out / f"{bundle.name}.part-{i:02d}"
-            part.write_bytes(block)
-            parts.append({"name": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
-            whole.update(block)
-    manifest = {"bundle": bundle.name, "bytes": bundle.stat().st_size, "sha256": whole.hexdigest(),
-                "python": args.python, "arch": args.arch, "packages": PACKAGES, "parts": parts, **report}
-    (out / f"dali-{tag}.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest_path = split(bundle, out, part_mib << 20, python=args.python, arch=args.arch, packages=PACKAGES,
+                          **report)
+    manifest = json.loads(manifest_path.read_text())
     print(json.dumps({k: v for k, v in manifest.items() if k != "packages"}, indent=1))
-    print(f"carry each of {out}/{bundle.name}.part-NN in its own device call ({len(parts)} calls), with "
-          f"{out}/dali-{tag}.json in the first; then STEPS=dali bash bench/gpu_checks.sh")
-
+    print(f"carry each of {out}/{bundle.name}.part-NN in its own device call ({len(manifest['parts'])} calls), "
+          f"with {manifest_path} in the first; then STEPS=dali bash bench/gpu_checks.sh")
 
 if __name__ == "__main__":
     main()

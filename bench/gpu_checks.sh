@@ -110,25 +110,7 @@ fi
 if want dali; then
   m=$(ls .dali/dali-*.json 2>/dev/null | head -n 1)
   if [ -z "$m" ]; then echo "== dali: no manifest in .dali/ (bench/dali_bundle.py)"; else
-    rm -rf /tmp/dali_site
-    if python3 - "$m" /tmp/dali.tar.xz /tmp/dali_site <<'PY' > "$O/dali_unpack.log" 2>&1; then
-import hashlib, json, sys, tarfile
-from pathlib import Path
-manifest = json.loads(Path(sys.argv[1]).read_text())
-python = f"{sys.version_info.major}.{sys.version_info.minor}"
-assert python == manifest["python"], f"the bundle is for Python {manifest['python']}, this is {python}"
-digest = hashlib.sha256()
-with open(sys.argv[2], "wb") as whole:
-    for part in manifest["parts"]:
-        data = (Path(sys.argv[1]).parent / part["name"]).read_bytes()  # a missing part raises: named in the log
-        assert hashlib.sha256(data).hexdigest() == part["sha256"], part["name"] + ": sha256 differs"
-        whole.write(data)
-        digest.update(data)
-assert digest.hexdigest() == manifest["sha256"], "the joined bundle's sha256 differs"
-with tarfile.open(sys.argv[2]) as tar:
-    tar.extractall(sys.argv[3], filter="data")
-print("parts joined and unpacked:", len(manifest["parts"]), manifest["bytes"], "bytes")
-PY
+    if python3 bench/dali_bundle.py --unpack "$m" --to /tmp/dali_site > "$O/dali_unpack.log" 2>&1; then
       export PYTHONPATH=$PWD:/tmp/dali_site
       TAIL=3 step dali_import 30 python3 -c "import torch, nvidia.dali as d; print('DALI', d.__version__)"
       TAIL=8 step pytest_dali 75 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_dali.py

@@ -4,7 +4,11 @@ machine code is rewritten to hold only that code, in place, and nothing else in 
 from __future__ import annotations
 
 import importlib.util
+import json
+import random
 import struct
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -112,3 +116,58 @@ def test_cuobjdump_reads_the_same_code_from_the_pruned_library(tmp_path):
     data[entries[0][3] + 200] ^= 0xFF
     pruned.write_bytes(data)
     assert not dali_bundle.same_code_for(cuobjdump, original, pruned, 90, tmp_path / "second")
+
+
+# -- the parts: split here, joined and unpacked on the GPU machine ----------------------------------------
+
+
+def _bundle(tmp_path: Path) -> Path:
+    """A small tar.xz of a site folder, incompressible enough to need several 4 KiB parts."""
+    site = tmp_path / "site"
+    (site / "nvidia" / "dali").mkdir(parents=True)
+    (site / "nvidia" / "dali" / "__init__.py").write_text("__version__ = 'test'\n")
+    (site / "nvidia" / "dali" / "libdali.so").write_bytes(random.Random(0).randbytes(10_000))
+    bundle = tmp_path / "dali-test.tar.xz"
+    with tarfile.open(bundle, "w:xz") as tar:
+        tar.add(site / "nvidia", arcname="nvidia")
+    return bundle
+
+
+def _split(tmp_path: Path) -> Path:
+    out = tmp_path / "parts"
+    out.mkdir()
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return dali_bundle.split(_bundle(tmp_path), out, 4096, python=python)
+
+
+def test_parts_join_and_unpack_to_the_bundled_files(tmp_path):
+    manifest_path = _split(tmp_path)
+    manifest = json.loads(manifest_path.read_text())
+    assert len(manifest["parts"]) == 3 and all(p["bytes"] <= 4096 for p in manifest["parts"])
+    dest = tmp_path / "dali_site"
+    (dest / "stale").mkdir(parents=True)  # left by an earlier unpacking: emptied first
+    dali_bundle.unpack(manifest_path, dest)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "nvidia/dali/__init__.py", "nvidia/dali/libdali.so"]
+    assert (dest / "nvidia/dali/libdali.so").read_bytes() == (tmp_path / "site/nvidia/dali/libdali.so").read_bytes()
+
+
+def test_a_missing_or_damaged_part_or_another_python_is_refused_by_name(tmp_path):
+    manifest_path = _split(tmp_path)
+    part = manifest_path.parent / json.loads(manifest_path.read_text())["parts"][1]["name"]
+    good = part.read_bytes()
+    part.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(SystemExit, match=part.name + ": sha256 differs"):
+        dali_bundle.unpack(manifest_path, tmp_path / "dest")
+    part.unlink()
+    with pytest.raises(SystemExit, match=part.name + ": missing"):
+        dali_bundle.unpack(manifest_path, tmp_path / "dest")
+    part.write_bytes(good)
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "sha256": "0" * 64}))
+    with pytest.raises(SystemExit, match="joined bundle's sha256 differs"):
+        dali_bundle.unpack(manifest_path, tmp_path / "dest")
+    manifest_path.write_text(json.dumps({**manifest, "python": "2.7"}))
+    with pytest.raises(SystemExit, match="the bundle is for Python 2.7"):
+        dali_bundle.unpack(manifest_path, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()  # nothing unpacked from a bundle that does not check out
