@@ -29,3 +29,20 @@ def private_cache(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = before
+
+
+@pytest.fixture
+def recorded_uploads(monkeypatch):
+    """scanner.backends.torch_cuda.upload, recording the image shapes of each call: the GPU loaders' tests
+    check that a batch's CPU-decoded images travel in one staged upload (on the "meta" device, which
+    stands in for a GPU, each image is simply moved)."""
+    from scanner.backends import torch_cuda
+
+    calls = []
+
+    def recording_upload(images, device):
+        calls.append([tuple(img.shape) for img in images])
+        return [img.to(device) for img in images]
+
+    monkeypatch.setattr(torch_cuda, "upload", recording_upload)
+    return calls

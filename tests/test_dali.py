@@ -354,20 +354,12 @@ def test_loader_without_a_gpu_runs_dali_in_cpu_mode():
     assert loader.decoder.device == ("gpu" if HAS_GPU else "cpu") and loader.decoder.target.type == "cpu"
 
 
-def test_images_left_to_the_cpu_decoder_reach_the_target_in_one_upload(monkeypatch):
+def test_images_left_to_the_cpu_decoder_reach_the_target_in_one_upload(recorded_uploads):
     """A batch's images that are not on the model's device yet (here all: DALI in CPU mode; on a GPU the
     CPU decoder's) join it in one staged copy, in order; the "meta" device stands in for a GPU."""
-    from scanner.backends import torch_cuda
     from scanner.scan.prepare import DecodeOptions, prepare
     from scanner.sources import Item
 
-    uploads = []
-
-    def recording_upload(images, device):
-        uploads.append([tuple(img.shape) for img in images])
-        return [img.to(device) for img in images]
-
-    monkeypatch.setattr(torch_cuda, "upload", recording_upload)
     loader = DaliLoader("m@0", batch_size=4, device="meta")
     files = {"a.jpg": jpeg(40, 30, 0), "b.png": encode(photo(12, 9, 1), "PNG"), "c.jpg": rotated_jpeg(2),
              "bad.jpg": corrupt_dht(3), "e.jpg": jpeg(50, 10, 4)}
@@ -376,7 +368,7 @@ def test_images_left_to_the_cpu_decoder_reach_the_target_in_one_upload(monkeypat
     assert [p.item.id for p in loaded] == ["a.jpg", "b.png", "c.jpg", "e.jpg"]  # bad.jpg: its error record
     assert batch[3].image is None and batch[3].record["error"]["kind"] == "decode"
     assert all(p.image.device.type == "meta" for p in loaded)
-    assert len(uploads) == 1 and uploads[0] == [tuple(p.image.shape) for p in loaded]
+    assert recorded_uploads == [[tuple(p.image.shape) for p in loaded]]
 
 
 # -- GPU (mixed decoder) -------------------------------------------------------------------------------------

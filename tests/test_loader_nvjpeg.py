@@ -121,18 +121,9 @@ def test_a_file_neither_decoder_takes_gets_its_error_record(monkeypatch):
     assert bad.image is None and bad.record["error"]["kind"] == "decode" and bad.record["id"] == "bad.jpg"
 
 
-def test_the_cpu_decoders_images_reach_the_target_in_one_upload(monkeypatch):
+def test_the_cpu_decoders_images_reach_the_target_in_one_upload(recorded_uploads):
     """Files left to the CPU decoder (a PNG, a rotated JPEG, one nvJPEG refuses) join the batch's device in
     one staged copy, in order; the "meta" device stands in for a GPU."""
-    from scanner.backends import torch_cuda
-
-    uploads = []
-
-    def recording_upload(images, device):
-        uploads.append([tuple(img.shape) for img in images])
-        return [img.to(device) for img in images]
-
-    monkeypatch.setattr(torch_cuda, "upload", recording_upload)
     decode_batch, _ = _stand_in(fail_on={33}, wrong_on=set())
     loader = NvjpegLoader("m", device="meta", decode=lambda datas, device: [
         got if isinstance(got, Exception) else got.to(device) for got in decode_batch(datas, device)])
@@ -141,7 +132,7 @@ def test_the_cpu_decoders_images_reach_the_target_in_one_upload(monkeypatch):
     loaded = loader.load(_prepared(loader, files))
     assert [p.item.id for p in loaded] == list(files)
     assert all(p.image.device.type == "meta" for p in loaded)
-    assert uploads == [[(3, 9, 12), (3, 30, 20), (3, 20, 33)]]  # one call, the CPU decoder's three, in order
+    assert recorded_uploads == [[(3, 9, 12), (3, 30, 20), (3, 20, 33)]]  # one call, the CPU decoder's three, in order
 
 
 def test_resolve_and_make(monkeypatch):
