@@ -180,10 +180,13 @@ def test_bench_without_the_baseline(tiny_weights, tmp_path, monkeypatch):
                                            model_path=tiny_weights, naive=False), tmp_path, log=lambda msg: None)
     assert report["naive_images_per_s"] is None and report["ratio"] is None and report["images_per_s"] > 0
     assert report["loader"] == "cpu"
-    # No batch size given: the scan's default for the model's device (the CPU here).
-    report = run_bench(paths, BenchOptions(backend="torch", workers=0, model_path=tiny_weights, naive=False),
+    # No batch size or workers given: the scan's defaults for the model's device (the CPU here).
+    from scanner.scan.pipeline import default_workers
+
+    report = run_bench(paths, BenchOptions(backend="torch", model_path=tiny_weights, naive=False),
                        tmp_path, log=lambda msg: None)
     assert [r["batch_size"] for r in report["results"]] == [16]
+    assert report["decode_workers"] == default_workers(torch.device("cpu"))
 
 
 def test_bench_refuses_bad_options(tiny_weights, tmp_path):

@@ -101,7 +101,7 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float] | None:
 
 def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOptions) -> dict:
     from scanner.bench.bounds import bound, busy_shares
-    from scanner.scan.pipeline import ScanOptions, default_workers, scan
+    from scanner.scan.pipeline import ScanOptions, scan
     from scanner.scan.results import iter_records
 
     options = ScanOptions(batch_size=batch, workers=opts.workers, force=True, loader=opts.loader,
@@ -114,8 +114,7 @@ def run_ours(runner, info, list_file: Path, out: Path, batch: int, opts: BenchOp
         summary = scan([], out, runner, info, from_list=str(list_file), options=options)
     images = summary.scanned - summary.errors
     scores = {r["id"]: r["score"] for r in iter_records(out) if r.get("error") is None}
-    workers = default_workers(model_device(runner)) if opts.workers is None else opts.workers
-    shares = busy_shares(times.seconds, summary.seconds, workers)
+    shares = busy_shares(times.seconds, summary.seconds, opts.workers)  # resolved by run_bench
     return {"images": images, "errors": summary.errors, "seconds": summary.seconds,
             "busy": shares, "bound": bound(shares),
             "images_per_s": images / summary.seconds if summary.seconds > 0 else 0.0,
@@ -189,13 +188,14 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
                                 cache_dir=work_dir / "onnx" if opts.model_path and _scratch(opts.model_path, work_dir)
                                 else None, precision=opts.precision)
     device = model_device(runner)
-    opts = dataclasses.replace(opts, loader=resolve_loader(opts.loader, device),  # auto: as the scan resolves it
-                               batch_sizes=opts.batch_sizes or [default_batch_size(device)])
+    # auto and None as the scan resolves them
+    opts = dataclasses.replace(opts, loader=resolve_loader(opts.loader, device),
+                               batch_sizes=opts.batch_sizes or [default_batch_size(device)],
+                               workers=default_workers(device) if opts.workers is None else opts.workers)
     baseline = None
     if opts.naive:
         baseline, _ = load_detector(info.path, device="cuda" if torch.cuda.is_available() else "cpu")
         baseline = naive_model(baseline)
-    workers = default_workers(device) if opts.workers is None else opts.workers
     list_file = work_dir / "images.txt"
     list_file.write_text("".join(f"{p}\n" for p in paths))
     results = []
@@ -206,7 +206,7 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
         for r in range(opts.rounds):
             ours = run_ours(runner, info, list_file, work_dir / f"ours_b{batch}_r{r}.jsonl", batch, opts)
             log(f"batch {batch} round {r + 1}: ours {ours['images_per_s']:.2f} img/s (bound: {ours['bound']})")
-            naive = run_baseline(baseline, paths, batch, workers) if baseline is not None else None
+            naive = run_baseline(baseline, paths, batch, opts.workers) if baseline is not None else None
             if naive is not None:
                 log(f"batch {batch} round {r + 1}: naive {naive['images_per_s']:.2f} img/s")
             feed = None
@@ -219,7 +219,7 @@ def run_bench(paths: list[Path], opts: BenchOptions, work_dir: Path, log=print) 
     return {"images_per_s": first["images_per_s"], "naive_images_per_s": first["naive_images_per_s"],
             "ratio": first["ratio"], "batch_size": first["batch_size"], "images": len(paths),
             "backend": backend, "precision": getattr(runner, "precision", None), "loader": opts.loader,
-            "model": info.model_id, "decode_workers": workers,
+            "model": info.model_id, "decode_workers": opts.workers,
             "threads": opts.threads or torch.get_num_threads(), "rounds": opts.rounds, "results": results,
             "environment": environment()}
 
